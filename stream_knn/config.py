@@ -1,0 +1,482 @@
+"""One frozen, typed configuration for every stream-knn process.
+
+Read from a TOML file (``--config``) with ``STREAM_KNN_*`` environment overrides. The
+environment is read here and nowhere else. Invalid values stop start-up with a
+:class:`~stream_knn.errors.ConfigError` naming the setting and its valid values.
+
+TOML layout: one table per section (``[kafka]``, ``[broker]``, ``[events]``, ``[model]``,
+``[index]``, ``[serving]``, ``[worker]``) and ``[[serving.variants]]`` for A/B variants.
+
+Environment: every setting is ``STREAM_KNN_<SECTION>__<NAME>`` (e.g.
+``STREAM_KNN_INDEX__N_TREES=20``); the common ones also have short names, listed in
+:data:`ENV_ALIASES` (e.g. ``STREAM_KNN_BOOTSTRAP_SERVERS``, ``STREAM_KNN_REBUILD_INTERVAL``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from stream_knn.errors import ConfigError
+
+__all__ = [
+    "ENV_ALIASES",
+    "BrokerConfig",
+    "Config",
+    "EventsConfig",
+    "IndexConfig",
+    "KafkaConfig",
+    "ModelConfig",
+    "ServingConfig",
+    "VariantConfig",
+    "WorkerConfig",
+    "dump_toml",
+    "load_config",
+]
+
+Metric = Literal["angular", "euclidean", "dot", "manhattan"]
+Backend = Literal["annoy", "exact", "hnsw"]
+WeightFunction = Literal["similarity", "distance", "popularity_blend"]
+LogFormat = Literal["text", "json"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+_CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """Where the broker is and what the topics are called."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topics_dir: Path = Path("topics")
+    user_events_topic: str = "user-events"
+    item_catalog_topic: str = "item-catalog"
+    recommendations_topic: str = "recommendations"
+    requests_topic: str = "recommendation-requests"
+    dlq_topic: str = "events-dlq"
+    #: Compression the worker's producer uses for its own output.
+    compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "lz4"
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """The local single-node Apache Kafka run by ``stream-knn broker``."""
+
+    port: int = 9092
+    controller_port: int = 9093
+    host: str = "127.0.0.1"
+    data_dir: Path = _CACHE_HOME / "stream-knn" / "broker"
+    jars_dir: Path = _CACHE_HOME / "stream-knn" / "kafka-jars"
+    heap: str = "1g"
+    start_timeout_seconds: float = 90.0
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    """Validation limits and default weights of user events."""
+
+    max_id_length: int = 256
+    max_payload_bytes: int = 65_536
+    #: Weight of an event when the record carries none (view < click < add_to_cart < purchase).
+    view_weight: float = 1.0
+    click_weight: float = 2.0
+    add_to_cart_weight: float = 3.0
+    purchase_weight: float = 5.0
+    #: Weight of a ``rating`` event is ``rating_weight_base + rating_weight_scale * rating``.
+    rating_weight_base: float = 1.0
+    rating_weight_scale: float = 0.0
+
+    def weight_of(self, event_type: str) -> float:
+        weights = {
+            "view": self.view_weight,
+            "click": self.click_weight,
+            "add_to_cart": self.add_to_cart_weight,
+            "purchase": self.purchase_weight,
+            "rating": self.rating_weight_base,
+        }
+        return weights[event_type]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Online item embeddings and user profiles."""
+
+    dims: int = 64
+    seed: int = 0
+    #: Half-life of past behaviour in item vectors, seconds of event time.
+    half_life_seconds: float = 30 * 24 * 3600.0
+    #: Half-life of past interactions in a user's query vector, seconds of event time.
+    profile_half_life_seconds: float = 7 * 24 * 3600.0
+    #: Recent items kept per user (query vector and exclusion list).
+    profile_max_items: int = 50
+    #: Share of the catalog (content) vector in an item's blended vector, 0..1.
+    catalog_weight: float = 0.3
+    #: Project catalog features to ``dims`` with PCA fitted on a warm-up sample.
+    pca: bool = True
+    pca_warmup_items: int = 256
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """The nearest-neighbour index and its rebuild lifecycle."""
+
+    backend: Backend = "annoy"
+    metric: Metric = "angular"
+    n_trees: int = 10
+    #: Nodes inspected per Annoy query; -1 means Annoy's default (n_trees * k).
+    search_k: int = -1
+    #: Annoy build threads; -1 means all cores.
+    build_threads: int = -1
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 64
+    #: Rebuild at most this often, seconds (no rebuild when nothing changed).
+    rebuild_interval_seconds: float = 30.0
+    #: Rebuild as soon as this many items changed since the live build.
+    rebuild_min_changes: int = 5_000
+    #: The exact-search delta may not grow past this; reaching it forces a rebuild.
+    max_delta_items: int = 20_000
+    keep_versions: int = 5
+    #: Share of live queries also answered exactly, for the sampled recall metric.
+    recall_sample_rate: float = 0.01
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    """A named A/B variant; unset fields fall back to the main settings."""
+
+    name: str = "control"
+    share: float = 1.0
+    backend: Backend | None = None
+    metric: Metric | None = None
+    n_trees: int | None = None
+    search_k: int | None = None
+    weight_function: WeightFunction | None = None
+    k: int | None = None
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What recommendations look like and how often they are sent."""
+
+    k: int = 10
+    max_k: int = 200
+    weight_function: WeightFunction = "similarity"
+    #: Share of recent popularity in a ``popularity_blend`` score, 0..1.
+    popularity_weight: float = 0.2
+    #: At most one emission per user per this many seconds (0 = one per event).
+    emit_interval_seconds: float = 0.0
+    cache_entries: int = 10_000
+    variants: tuple[VariantConfig, ...] = (VariantConfig(),)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The Faust worker process."""
+
+    app_id: str = "stream-knn"
+    data_dir: Path = Path("var")
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    #: Partitions of the worker's internal topics (changelogs, repartition topics).
+    partitions: int = 4
+    #: /health fails after the broker has been unreachable this long.
+    broker_timeout_seconds: float = 30.0
+    log_level: LogLevel = "INFO"
+    log_format: LogFormat = "text"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The configuration root."""
+
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+
+    def __post_init__(self) -> None:
+        _check_ranges(self)
+
+    def replace(self, **sections: Any) -> Config:
+        """A copy with whole sections or ``section__name`` settings replaced."""
+        values: dict[str, dict[str, Any]] = {}
+        for key, value in sections.items():
+            if "__" in key:
+                section, name = key.split("__", 1)
+                values.setdefault(section, {})[name] = value
+            else:
+                values.setdefault(key, {}).update(
+                    dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+                )
+        return _build(values, base=self)
+
+
+#: Short environment names for the settings operators change most.
+ENV_ALIASES: Mapping[str, tuple[str, str]] = {
+    "STREAM_KNN_BOOTSTRAP_SERVERS": ("kafka", "bootstrap_servers"),
+    "STREAM_KNN_DATA_DIR": ("worker", "data_dir"),
+    "STREAM_KNN_WEB_PORT": ("worker", "web_port"),
+    "STREAM_KNN_K": ("serving", "k"),
+    "STREAM_KNN_DIMS": ("model", "dims"),
+    "STREAM_KNN_METRIC": ("index", "metric"),
+    "STREAM_KNN_BACKEND": ("index", "backend"),
+    "STREAM_KNN_TREES": ("index", "n_trees"),
+    "STREAM_KNN_SEARCH_K": ("index", "search_k"),
+    "STREAM_KNN_REBUILD_INTERVAL": ("index", "rebuild_interval_seconds"),
+    "STREAM_KNN_LOG_LEVEL": ("worker", "log_level"),
+    "STREAM_KNN_LOG_FORMAT": ("worker", "log_format"),
+    "STREAM_KNN_BROKER_PORT": ("broker", "port"),
+    "STREAM_KNN_BROKER_DATA_DIR": ("broker", "data_dir"),
+}
+
+_SECTIONS: dict[str, type[Any]] = {
+    "kafka": KafkaConfig,
+    "broker": BrokerConfig,
+    "events": EventsConfig,
+    "model": ModelConfig,
+    "index": IndexConfig,
+    "serving": ServingConfig,
+    "worker": WorkerConfig,
+}
+
+
+def load_config(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Read the TOML file at ``path`` (if any), then apply ``STREAM_KNN_*`` overrides."""
+    values: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        for section, content in raw.items():
+            if section not in _SECTIONS:
+                raise ConfigError(
+                    f"unknown config section [{section}] in {path}; "
+                    f"valid sections: {', '.join(_SECTIONS)}"
+                )
+            if not isinstance(content, dict):
+                raise ConfigError(f"config section [{section}] in {path} must be a table")
+            values[section] = dict(content)
+    env = os.environ if environ is None else environ
+    for name, raw_value in env.items():
+        if not name.startswith("STREAM_KNN_"):
+            continue
+        if name in ENV_ALIASES:
+            section, key = ENV_ALIASES[name]
+        elif "__" in name:
+            section, key = name[len("STREAM_KNN_") :].lower().split("__", 1)
+            if section not in _SECTIONS:
+                raise ConfigError(
+                    f"{name}: unknown section {section!r}; valid: {', '.join(_SECTIONS)}"
+                )
+        else:
+            continue
+        values.setdefault(section, {})[key] = _EnvString(raw_value)
+    return _build(values)
+
+
+class _EnvString(str):
+    """A value that came from the environment and may need converting from text."""
+
+
+def _build(values: Mapping[str, Mapping[str, Any]], base: Config | None = None) -> Config:
+    base = base or Config.__new__(Config)
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        current = getattr(base, name, None) or cls()
+        overrides = values.get(name, {})
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        changes: dict[str, Any] = {}
+        for key, value in overrides.items():
+            if key not in known:
+                raise ConfigError(
+                    f"unknown setting {name}.{key}; valid settings of [{name}]: "
+                    f"{', '.join(sorted(known))}"
+                )
+            changes[key] = _coerce(f"{name}.{key}", hints[key], value)
+        sections[name] = dataclasses.replace(current, **changes)
+    return Config(**sections)
+
+
+def _coerce(setting: str, hint: Any, value: Any) -> Any:
+    origin = get_origin(hint)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            valid = ", ".join(repr(c) for c in choices)
+            raise ConfigError(f"{setting} = {value!r} is not valid; valid values: {valid}")
+        return str(value)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none")):
+            return None
+        return _coerce(setting, args[0], value)
+    if origin is tuple and get_args(hint)[0] is VariantConfig:
+        return _variants(setting, value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{setting} = {value!r} is not valid; valid values: true, false")
+    if hint is int:
+        try:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{setting} = {value!r} is not valid; expected an integer") from None
+    if hint is float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{setting} = {value!r} is not valid; expected a number") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{setting} = {value!r} is not valid; expected a finite number")
+        return number
+    if hint is Path:
+        return Path(os.path.expanduser(str(value)))
+    if hint is str:
+        return str(value)
+    raise ConfigError(f"{setting}: unsupported setting type {hint!r}")  # pragma: no cover
+
+
+def _variants(setting: str, value: Any) -> tuple[VariantConfig, ...]:
+    if isinstance(value, str):
+        import orjson
+
+        try:
+            value = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            raise ConfigError(f"{setting} must be a JSON array of variant tables") from None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{setting} must be a non-empty array of variant tables")
+    hints = typing.get_type_hints(VariantConfig)
+    known = {f.name for f in dataclasses.fields(VariantConfig)}
+    variants = []
+    for i, item in enumerate(value):
+        if isinstance(item, VariantConfig):
+            variants.append(item)
+            continue
+        if not isinstance(item, dict):
+            raise ConfigError(f"{setting}[{i}] must be a table")
+        unknown = set(item) - known
+        if unknown:
+            raise ConfigError(
+                f"unknown setting {setting}[{i}].{sorted(unknown)[0]}; valid: {', '.join(sorted(known))}"
+            )
+        variants.append(
+            VariantConfig(**{k: _coerce(f"{setting}[{i}].{k}", hints[k], v) for k, v in item.items()})
+        )
+    return tuple(variants)
+
+
+def _require(ok: bool, setting: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"{setting} = {value!r} is not valid; valid values: {valid}")
+
+
+def _check_ranges(config: Config) -> None:
+    m, ix, s, w, e, b = (
+        config.model,
+        config.index,
+        config.serving,
+        config.worker,
+        config.events,
+        config.broker,
+    )
+    _require(1 <= m.dims <= 4096, "model.dims", m.dims, "integers 1..4096")
+    _require(m.half_life_seconds > 0, "model.half_life_seconds", m.half_life_seconds, "> 0")
+    _require(
+        m.profile_half_life_seconds > 0,
+        "model.profile_half_life_seconds",
+        m.profile_half_life_seconds,
+        "> 0",
+    )
+    _require(m.profile_max_items >= 1, "model.profile_max_items", m.profile_max_items, ">= 1")
+    _require(0.0 <= m.catalog_weight <= 1.0, "model.catalog_weight", m.catalog_weight, "0..1")
+    _require(ix.n_trees >= 1, "index.n_trees", ix.n_trees, "integers >= 1")
+    _require(ix.search_k == -1 or ix.search_k >= 1, "index.search_k", ix.search_k, "-1 or >= 1")
+    _require(
+        ix.rebuild_interval_seconds > 0,
+        "index.rebuild_interval_seconds",
+        ix.rebuild_interval_seconds,
+        "> 0",
+    )
+    _require(ix.keep_versions >= 1, "index.keep_versions", ix.keep_versions, "integers >= 1")
+    _require(ix.max_delta_items >= 1, "index.max_delta_items", ix.max_delta_items, ">= 1")
+    _require(
+        0.0 <= ix.recall_sample_rate <= 1.0,
+        "index.recall_sample_rate",
+        ix.recall_sample_rate,
+        "0..1",
+    )
+    _require(1 <= s.k <= s.max_k, "serving.k", s.k, f"integers 1..serving.max_k ({s.max_k})")
+    _require(0.0 <= s.popularity_weight <= 1.0, "serving.popularity_weight", s.popularity_weight, "0..1")
+    _require(s.emit_interval_seconds >= 0, "serving.emit_interval_seconds", s.emit_interval_seconds, ">= 0")
+    _require(s.cache_entries >= 0, "serving.cache_entries", s.cache_entries, ">= 0")
+    names = [v.name for v in s.variants]
+    _require(len(set(names)) == len(names), "serving.variants", names, "unique names")
+    _require(
+        all(v.share >= 0 for v in s.variants) and sum(v.share for v in s.variants) > 0,
+        "serving.variants.share",
+        [v.share for v in s.variants],
+        "non-negative shares with a positive sum",
+    )
+    for port_name, port in (("worker.web_port", w.web_port), ("broker.port", b.port)):
+        _require(1 <= port <= 65535, port_name, port, "1..65535")
+    _require(w.partitions >= 1, "worker.partitions", w.partitions, "integers >= 1")
+    _require(e.max_id_length >= 1, "events.max_id_length", e.max_id_length, ">= 1")
+    _require(e.max_payload_bytes >= 64, "events.max_payload_bytes", e.max_payload_bytes, ">= 64")
+
+
+def dump_toml(config: Config) -> str:
+    """The configuration as TOML text that :func:`load_config` reads back unchanged."""
+    lines: list[str] = []
+    for name in _SECTIONS:
+        section = getattr(config, name)
+        lines.append(f"[{name}]")
+        variants: tuple[VariantConfig, ...] = ()
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if f.name == "variants":
+                variants = value
+                continue
+            lines.append(f"{f.name} = {_toml_value(value)}")
+        lines.append("")
+        for variant in variants:
+            lines.append(f"[[{name}.variants]]")
+            for f in dataclasses.fields(variant):
+                value = getattr(variant, f.name)
+                if value is not None:
+                    lines.append(f"{f.name} = {_toml_value(value)}")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    import orjson
+
+    return orjson.dumps(str(value)).decode()
