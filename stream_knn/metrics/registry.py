@@ -1,0 +1,138 @@
+"""The Prometheus metrics of a stream-knn worker, created on a registry passed in.
+
+Names carry the ``stream_knn_`` prefix and their unit; every label has a bounded set of
+values (event types, DLQ reasons, variant names, triggers, partitions of our topics).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["LATENCY_BUCKETS", "BUILD_BUCKETS", "Metrics"]
+
+#: Seconds; fine below 50 ms where the end-to-end target sits.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)
+#: Seconds; index builds take from milliseconds (tiny catalogs) to minutes.
+BUILD_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class Metrics:
+    """Every metric the worker exports; one instance per registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.events = Counter(
+            "stream_knn_events",
+            "User events consumed, by event type and outcome (ok, dlq, forget).",
+            ["event_type", "outcome"],
+            registry=registry,
+        )
+        self.dlq = Counter(
+            "stream_knn_dlq",
+            "Records sent to the dead-letter topic, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.recommendations = Counter(
+            "stream_knn_recommendations",
+            "Recommendation lists emitted, by variant and trigger (event, request, http).",
+            ["variant", "trigger"],
+            registry=registry,
+        )
+        self.catalog = Counter(
+            "stream_knn_catalog_records",
+            "Item catalog records applied, by outcome (upsert, delete, dlq).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.end_to_end_latency = Histogram(
+            "stream_knn_end_to_end_latency_seconds",
+            "From the triggering event's timestamp to the emission of its recommendation.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.processing_latency = Histogram(
+            "stream_knn_processing_latency_seconds",
+            "Time spent by the worker on one event, from dequeue to the output send.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.index_build = Histogram(
+            "stream_knn_index_build_seconds",
+            "Duration of background index builds.",
+            buckets=BUILD_BUCKETS,
+            registry=registry,
+        )
+        self.index_build_errors = Counter(
+            "stream_knn_index_build_errors",
+            "Index builds that failed (the previous version kept serving).",
+            registry=registry,
+        )
+        self.index_version = Gauge(
+            "stream_knn_index_version", "Version number of the live index.", registry=registry
+        )
+        self.index_items = Gauge(
+            "stream_knn_index_items", "Items in the live index.", registry=registry
+        )
+        self.index_age = Gauge(
+            "stream_knn_index_age_seconds",
+            "Seconds since the live index was built.",
+            registry=registry,
+        )
+        self.index_pending = Gauge(
+            "stream_knn_index_pending_items",
+            "Items changed since the live build, searched exactly (the delta).",
+            registry=registry,
+        )
+        self.ann_recall = Gauge(
+            "stream_knn_ann_recall",
+            "Recall@k of sampled live queries against exact search.",
+            registry=registry,
+        )
+        self.cache_hits = Counter(
+            "stream_knn_cache_hits", "Recommendation cache hits.", registry=registry
+        )
+        self.cache_misses = Counter(
+            "stream_knn_cache_misses", "Recommendation cache misses.", registry=registry
+        )
+        self.cache_hit_ratio = Gauge(
+            "stream_knn_cache_hit_ratio",
+            "Share of recommendation queries answered from the cache.",
+            registry=registry,
+        )
+        self.consumer_lag = Gauge(
+            "stream_knn_consumer_lag",
+            "Messages between the worker's position and the end of each input partition.",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.online_hit_rate = Gauge(
+            "stream_knn_online_hit_rate",
+            "Share of user events whose item was in the last list sent to that user.",
+            ["variant"],
+            registry=registry,
+        )
+        self.embedding_drift = Gauge(
+            "stream_knn_embedding_drift",
+            "Embedding drift between consecutive index versions "
+            "(kind: item_cosine_shift, centroid_shift).",
+            ["kind"],
+            registry=registry,
+        )
+        self.neighbour_drift = Gauge(
+            "stream_knn_neighbour_drift",
+            "1 - mean Jaccard of probe items' top-k between consecutive index versions.",
+            registry=registry,
+        )
+        self.input_drift = Gauge(
+            "stream_knn_input_drift",
+            "Jensen-Shannon divergence of the current input window against the reference "
+            "(distribution: item_popularity, event_type).",
+            ["distribution"],
+            registry=registry,
+        )
+        self.items = Gauge(
+            "stream_knn_items", "Item vectors known to this worker.", registry=registry
+        )

@@ -1,0 +1,70 @@
+"""Recent popularity: exponentially decayed event counts per item.
+
+Serves the documented cold-start fallback (a user with no usable history, or no index yet)
+and the popularity term of the ``popularity_blend`` weight function.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Collection
+
+__all__ = ["Popularity"]
+
+
+class Popularity:
+    """Decayed counts ``c_i(t) = sum_e w_e * 2**(-(t - t_e) / half_life)``.
+
+    Counts are kept relative to a moving reference time so they never overflow; ranking
+    is unaffected by the common scale.
+    """
+
+    def __init__(self, half_life_seconds: float, max_items: int = 1_000_000) -> None:
+        self._rate = math.log(2) / (half_life_seconds * 1000.0)
+        self._counts: dict[str, float] = {}
+        self._ref_ms: int | None = None
+        self._max_items = max_items
+
+    def observe(self, item_id: str, weight: float, ts_ms: int) -> None:
+        if self._ref_ms is None:
+            self._ref_ms = ts_ms
+        # Store w * exp(rate * (t - ref)): later events weigh more, as the decay demands.
+        exponent = self._rate * (ts_ms - self._ref_ms)
+        if exponent > 50.0:
+            self._rebase(ts_ms)
+            exponent = 0.0
+        self._counts[item_id] = self._counts.get(item_id, 0.0) + weight * math.exp(exponent)
+        if len(self._counts) > self._max_items:
+            self._evict()
+
+    def remove(self, item_id: str) -> None:
+        self._counts.pop(item_id, None)
+
+    def score(self, item_id: str) -> float:
+        """The item's count relative to the most popular item, in [0, 1]."""
+        if not self._counts:
+            return 0.0
+        top = max(self._counts.values())
+        return self._counts.get(item_id, 0.0) / top if top > 0 else 0.0
+
+    def top(self, k: int, exclude: Collection[str] = ()) -> list[tuple[str, float]]:
+        """The ``k`` most popular items not in ``exclude``, scores relative to the top item."""
+        if not self._counts:
+            return []
+        best = heapq.nlargest(k + len(exclude), self._counts.items(), key=lambda kv: kv[1])
+        top = best[0][1] if best and best[0][1] > 0 else 1.0
+        return [(item, count / top) for item, count in best if item not in exclude][:k]
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def _rebase(self, ts_ms: int) -> None:
+        assert self._ref_ms is not None
+        factor = math.exp(-self._rate * (ts_ms - self._ref_ms))
+        self._counts = {k: v * factor for k, v in self._counts.items() if v * factor > 1e-12}
+        self._ref_ms = ts_ms
+
+    def _evict(self) -> None:
+        keep = heapq.nlargest(self._max_items * 9 // 10, self._counts.items(), key=lambda kv: kv[1])
+        self._counts = dict(keep)

@@ -1,0 +1,192 @@
+"""Turns a user's profile into a top-k list: query, search, exclude, score, fall back.
+
+Plain Python over the index manager's search; the worker, the HTTP endpoints, the request
+agent and ``stream-knn recommend`` all answer through :class:`Recommender`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from stream_knn.serving.cache import QueryCache
+from stream_knn.serving.popularity import Popularity
+
+__all__ = ["Recommendation", "Recommender", "VectorSearch", "apply_weight_function"]
+
+Neighbours = list[tuple[str, float]]
+
+
+class VectorSearch(Protocol):
+    """What the recommender needs of an index manager."""
+
+    @property
+    def version(self) -> int | None: ...
+
+    def search(
+        self, query: npt.NDArray[np.float32], k: int, exclude: Collection[str] = ()
+    ) -> Neighbours: ...
+
+    def similar(self, item_id: str, k: int) -> Neighbours | None: ...
+
+    def vector(self, item_id: str) -> npt.NDArray[np.float32] | None: ...
+
+
+class Profile(Protocol):
+    """What the recommender needs of a user profile."""
+
+    @property
+    def version(self) -> int: ...
+
+    def recent_items(self) -> frozenset[str]: ...
+
+    def query_vector(
+        self, vectors: object, now_ms: int, half_life_seconds: float
+    ) -> npt.NDArray[np.float32] | None: ...
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """A top-k list and how it was made.
+
+    ``fallback`` names the documented cold-start answer when it was used: ``"popular"``
+    (recent popularity, because the user has no usable history or no item is indexed yet).
+    """
+
+    items: Neighbours
+    index_version: int | None
+    fallback: str | None = None
+
+
+def apply_weight_function(
+    neighbours: Neighbours,
+    function: str,
+    metric: str,
+    popularity: Popularity | None = None,
+    popularity_weight: float = 0.0,
+) -> Neighbours:
+    """Re-score search results (higher-is-nearer scores) and re-rank them.
+
+    - ``similarity``: the index score itself (cosine for ``angular``, dot for ``dot``,
+      negated distance for ``euclidean``/``manhattan``);
+    - ``distance``: ``1 / (1 + d)`` with ``d`` the metric's distance (for ``angular``
+      ``d = sqrt(2 - 2 cos)``, Annoy's angular distance);
+    - ``popularity_blend``: ``(1 - a) * similarity_rank_score + a * popularity`` where the
+      similarity term is min-max scaled over the candidates and popularity is relative
+      to the most popular item, ``a = popularity_weight``.
+    """
+    if function == "similarity" or not neighbours:
+        return neighbours
+    if function == "distance":
+        rescored = [(item, 1.0 / (1.0 + _distance(score, metric))) for item, score in neighbours]
+    elif function == "popularity_blend":
+        scores = [s for _, s in neighbours]
+        lo, hi = min(scores), max(scores)
+        span = hi - lo if hi > lo else 1.0
+        pop = popularity.score if popularity is not None else (lambda _item: 0.0)
+        rescored = [
+            (item, (1 - popularity_weight) * (s - lo) / span + popularity_weight * pop(item))
+            for item, s in neighbours
+        ]
+    else:
+        raise ValueError(f"unknown weight function {function!r}")
+    rescored.sort(key=lambda pair: pair[1], reverse=True)
+    return rescored
+
+
+def _distance(score: float, metric: str) -> float:
+    if metric == "angular":
+        return math.sqrt(max(0.0, 2.0 - 2.0 * score))
+    if metric == "dot":
+        return -score
+    return -score
+
+
+class Recommender:
+    """Answers "what next for this user" and "what is like this item"."""
+
+    def __init__(
+        self,
+        search: VectorSearch,
+        popularity: Popularity,
+        *,
+        metric: str,
+        weight_function: str,
+        popularity_weight: float,
+        profile_half_life_seconds: float,
+        cache: QueryCache[Recommendation] | None = None,
+    ) -> None:
+        self.index = search
+        self.popularity = popularity
+        self.metric = metric
+        self.weight_function = weight_function
+        self.popularity_weight = popularity_weight
+        self.profile_half_life_seconds = profile_half_life_seconds
+        self.cache = cache
+
+    def for_user(
+        self,
+        user_id: str,
+        profile: Profile | None,
+        k: int,
+        now_ms: int,
+        exclude: Collection[str] = (),
+    ) -> Recommendation:
+        """Top ``k`` for ``user_id``, never an item of the profile or of ``exclude``."""
+        seen = set(exclude)
+        if profile is not None:
+            seen |= profile.recent_items()
+        version = self.index.version
+        key = None
+        if self.cache is not None and profile is not None:
+            key = ("user", user_id, k, version, profile.version, frozenset(exclude))
+            hit = self.cache.get(key)
+            if hit is not None:
+                return hit
+        query = (
+            profile.query_vector(self.index.vector, now_ms, self.profile_half_life_seconds)
+            if profile is not None
+            else None
+        )
+        result: Recommendation
+        if query is None or not np.any(query):
+            result = Recommendation(self.popularity.top(k, seen), version, fallback="popular")
+        else:
+            # Over-fetch when re-ranking so the blend can promote popular candidates.
+            fetch = k * 3 if self.weight_function == "popularity_blend" else k
+            found = self.index.search(query, fetch, exclude=seen)
+            if not found:
+                result = Recommendation(self.popularity.top(k, seen), version, fallback="popular")
+            else:
+                items = apply_weight_function(
+                    found, self.weight_function, self.metric, self.popularity, self.popularity_weight
+                )[:k]
+                result = Recommendation(items, version)
+        if key is not None and self.cache is not None:
+            self.cache.put(key, result)
+        return result
+
+    def similar(self, item_id: str, k: int) -> Recommendation | None:
+        """Items nearest ``item_id`` (never itself), or None for an unknown item."""
+        key = ("item", item_id, k, self.index.version)
+        if self.cache is not None:
+            hit = self.cache.get(key)
+            if hit is not None:
+                return hit
+        found = self.index.similar(item_id, k)
+        if found is None:
+            return None
+        result = Recommendation(
+            apply_weight_function(
+                found, self.weight_function, self.metric, self.popularity, self.popularity_weight
+            )[:k],
+            self.index.version,
+        )
+        if self.cache is not None:
+            self.cache.put(key, result)
+        return result

@@ -1,0 +1,150 @@
+"""The serving side of a worker: one index manager per distinct index setting, one
+recommender per A/B variant, recent popularity, the query cache and input drift.
+
+No Kafka here: the worker feeds it vectors and events; ``stream-knn recommend`` uses it
+over a saved index.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from mode import Service
+
+from stream_knn.config import Config
+from stream_knn.index.manager import IndexManager
+from stream_knn.metrics.drift import DriftThresholds, InputDriftMonitor, embedding_drift
+from stream_knn.metrics.registry import Metrics
+from stream_knn.serving.cache import QueryCache
+from stream_knn.serving.popularity import Popularity
+from stream_knn.serving.recommender import Profile, Recommendation, Recommender
+from stream_knn.serving.variants import ResolvedVariant, VariantAssigner
+
+__all__ = ["RecommendationService"]
+
+logger = logging.getLogger(__name__)
+
+
+class RecommendationService(Service):  # type: ignore[misc]
+    """Index managers, recommenders and the numbers about them, for one worker."""
+
+    def __init__(self, config: Config, index_root: Path, metrics: Metrics, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.config = config
+        self.metrics = metrics
+        self.assigner = VariantAssigner(config.serving, config.index)
+        self.popularity = Popularity(config.model.half_life_seconds)
+        self.cache: QueryCache[Recommendation] = QueryCache(config.serving.cache_entries)
+        self.thresholds = DriftThresholds()
+        self.input_drift = InputDriftMonitor(thresholds=self.thresholds)
+        self.managers: dict[tuple[str, str, int, int], IndexManager] = {}
+        self.recommenders: dict[str, Recommender] = {}
+        for variant in self.assigner.variants:
+            key = variant.index_key
+            if key not in self.managers:
+                name = "-".join(str(part) for part in key)
+                root = index_root if not self.managers else index_root.parent / f"index-{name}"
+                self.managers[key] = IndexManager(
+                    variant.index,
+                    root,
+                    config.model.dims,
+                    on_swap=self._on_swap,
+                )
+            self.recommenders[variant.name] = Recommender(
+                self.managers[key],
+                self.popularity,
+                metric=variant.index.metric,
+                weight_function=variant.weight_function,
+                popularity_weight=config.serving.popularity_weight,
+                profile_half_life_seconds=config.model.profile_half_life_seconds,
+                cache=self.cache,
+            )
+        self._primary = next(iter(self.managers.values()))
+
+    async def on_start(self) -> None:
+        for manager in self.managers.values():
+            manager.start()
+
+    async def on_stop(self) -> None:
+        for manager in self.managers.values():
+            manager.stop()
+
+    # -- feeding ---------------------------------------------------------------------------
+
+    def upsert(self, item_id: str, vector: npt.NDArray[np.float32]) -> None:
+        for manager in self.managers.values():
+            manager.upsert(item_id, vector)
+
+    def delete(self, item_id: str) -> None:
+        for manager in self.managers.values():
+            manager.delete(item_id)
+        self.popularity.remove(item_id)
+
+    def forget_item(self, item_id: str) -> None:
+        self.popularity.remove(item_id)
+
+    def observe(self, event: Any) -> None:
+        self.popularity.observe(event.item_id, event.weight, event.ts_ms)
+        self.input_drift.observe(event.item_id, event.event_type)
+
+    # -- answering -------------------------------------------------------------------------
+
+    def recommend(
+        self,
+        user_id: str,
+        profile: Profile | None,
+        k: int,
+        now_ms: int,
+        exclude: Collection[str] = (),
+        variant: ResolvedVariant | None = None,
+    ) -> Recommendation:
+        variant = variant or self.assigner.assign(user_id)
+        return self.recommenders[variant.name].for_user(user_id, profile, k, now_ms, exclude)
+
+    def similar(
+        self, item_id: str, k: int, variant: ResolvedVariant | None = None
+    ) -> Recommendation | None:
+        variant = variant or self.assigner.variants[0]
+        return self.recommenders[variant.name].similar(item_id, k)
+
+    @property
+    def has_index(self) -> bool:
+        return self._primary.version is not None
+
+    @property
+    def primary(self) -> IndexManager:
+        return self._primary
+
+    # -- numbers ---------------------------------------------------------------------------
+
+    def _on_swap(self, new: Any, old: Any) -> None:
+        self.cache.invalidate()
+        self.metrics.index_build.observe(float(new.build_seconds))
+        logger.info(
+            "index version %s live: %s items, built in %.3f s",
+            new.version,
+            new.item_count,
+            new.build_seconds,
+        )
+
+    def refresh_gauges(self) -> None:
+        m, primary = self.metrics, self._primary
+        if primary.version is not None:
+            m.index_version.set(primary.version)
+        m.index_items.set(primary.item_count)
+        m.index_age.set(primary.age_seconds if primary.version is not None else 0.0)
+        m.index_pending.set(primary.pending_items)
+        recall = primary.sampled_recall()
+        if recall is not None:
+            m.ann_recall.set(recall)
+        m.cache_hit_ratio.set(self.cache.hit_ratio)
+        for name, value in self.input_drift.current().items():
+            m.input_drift.labels(name).set(value)
+        _ = time.time
+        _ = embedding_drift

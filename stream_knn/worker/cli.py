@@ -1,0 +1,50 @@
+"""``stream-knn worker``: run a Faust worker process."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from stream_knn.config import Config
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "worker", help="run a stream-knn worker (consumes events, emits recommendations)"
+    )
+    parser.add_argument("--web-port", type=int, help="HTTP port (overrides worker.web_port)")
+    parser.add_argument("--data-dir", type=Path, help="state directory (overrides worker.data_dir)")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace, config: Config) -> int:
+    from faust import Worker
+
+    from stream_knn.worker.app import create_app
+
+    changes: dict[str, Any] = {}
+    if args.web_port is not None:
+        changes["web_port"] = args.web_port
+    if args.data_dir is not None:
+        changes["data_dir"] = args.data_dir
+    if changes:
+        config = dataclasses.replace(config, worker=dataclasses.replace(config.worker, **changes))
+    worker_app = create_app(config)
+    print(
+        f"stream-knn worker {config.worker.app_id}: broker {config.kafka.bootstrap_servers}, "
+        f"web http://{config.worker.web_host}:{config.worker.web_port}/metrics, "
+        f"state {Path(config.worker.data_dir).resolve()}",
+        flush=True,
+    )
+    worker = Worker(
+        worker_app.app,
+        loglevel=config.worker.log_level,
+        quiet=True,
+        redirect_stdouts=False,
+    )
+    worker.execute_from_commandline()
+    return 0

@@ -1,0 +1,120 @@
+"""Every worker's full copy of the item vectors, read from the vector tables' changelogs.
+
+Item state is partitioned by item across workers, but each worker's index must hold every
+item, so each worker reads both changelog topics (behaviour vectors and catalog content
+vectors) from the beginning, all partitions, outside the consumer group, and feeds the
+blended vectors to its index managers. Kafka's compacted changelog is the source of truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from stream_knn.embeddings.catalog import blend
+from stream_knn.embeddings.codec import decode_vector
+from stream_knn.embeddings.sketch import ItemState
+from stream_knn.errors import DimensionError
+
+if TYPE_CHECKING:
+    from stream_knn.worker.app import WorkerApp
+
+__all__ = ["VectorReplica"]
+
+logger = logging.getLogger(__name__)
+
+
+class VectorReplica:
+    """Tails ``<app>-item-vectors-changelog`` and ``<app>-item-contents-changelog``."""
+
+    def __init__(self, worker: WorkerApp) -> None:
+        self.worker = worker
+        app_id = worker.config.worker.app_id
+        self.behaviour_topic = f"{app_id}-item-vectors-changelog"
+        self.content_topic = f"{app_id}-item-contents-changelog"
+        self.behaviour: dict[str, npt.NDArray[np.float32]] = {}
+        self.content: dict[str, npt.NDArray[np.float32]] = {}
+        self.caught_up = False
+        self.records = 0
+
+    async def run(self) -> None:
+        cfg = self.worker.config
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=cfg.kafka.bootstrap_servers,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=20,
+            max_poll_records=5000,
+        )
+        await consumer.start()
+        try:
+            partitions = await self._wait_for_partitions(consumer)
+            consumer.assign(partitions)
+            await consumer.seek_to_beginning(*partitions)
+            end = await consumer.end_offsets(partitions)
+            pending = {tp for tp, off in end.items() if off > 0}
+            self.caught_up = not pending
+            while True:
+                batches = await consumer.getmany(timeout_ms=200)
+                for tp, messages in batches.items():
+                    for msg in messages:
+                        self._apply(tp.topic, msg.key, msg.value)
+                    if tp in pending and messages and messages[-1].offset + 1 >= end[tp]:
+                        pending.discard(tp)
+                if not self.caught_up and not pending:
+                    self.caught_up = True
+                    logger.info("item vectors replicated: %d items", len(self.known_items()))
+                self.worker.metrics.items.set(len(self.known_items()))
+        finally:
+            await consumer.stop()
+
+    async def _wait_for_partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+        # Faust creates the changelog topics when the app starts; wait until both exist.
+        while True:
+            await consumer._client.force_metadata_update()  # noqa: SLF001 - no public refresh
+            found: list[TopicPartition] = []
+            for topic in (self.behaviour_topic, self.content_topic):
+                parts = consumer.partitions_for_topic(topic)
+                if not parts:
+                    break
+                found.extend(TopicPartition(topic, p) for p in sorted(parts))
+            else:
+                return found
+            await asyncio.sleep(0.5)
+
+    def known_items(self) -> set[str]:
+        return self.behaviour.keys() | self.content.keys()
+
+    def _apply(self, topic: str, key: bytes | None, value: bytes | None) -> None:
+        if key is None:
+            return
+        item_id = key.decode()
+        dims = self.worker.config.model.dims
+        store = self.behaviour if topic == self.behaviour_topic else self.content
+        self.records += 1
+        if value is None:
+            store.pop(item_id, None)
+        else:
+            try:
+                if topic == self.behaviour_topic:
+                    store[item_id] = ItemState.from_bytes(value, dims).vector
+                else:
+                    store[item_id] = decode_vector(value, dims)
+            except DimensionError as exc:
+                logger.error("skipping item %s from %s: %s", item_id, topic, exc)
+                return
+        vector = blend(
+            self.behaviour.get(item_id),
+            self.content.get(item_id),
+            self.worker.config.model.catalog_weight,
+        )
+        if vector is None:
+            self.worker.service.delete(item_id)
+        else:
+            self.worker.service.upsert(item_id, vector)

@@ -1,0 +1,97 @@
+"""HTTP pages on the worker's web port: metrics, health, readiness, on-demand answers."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    from stream_knn.worker.app import WorkerApp
+
+__all__ = ["parse_k", "register_pages"]
+
+
+def parse_k(raw: str | None, default: int, max_k: int) -> int:
+    """The ``k`` query parameter: an integer in 1..max_k, else ValueError with a message."""
+    if raw is None or raw == "":
+        return default
+    try:
+        k = int(raw)
+    except ValueError:
+        raise ValueError(f"k must be an integer between 1 and {max_k}, got {raw!r}") from None
+    if not 1 <= k <= max_k:
+        raise ValueError(f"k must be an integer between 1 and {max_k}, got {k}")
+    return k
+
+
+def register_pages(worker: WorkerApp) -> None:
+    """Add the stream-knn pages to the worker's Faust web server."""
+    app = worker.app
+    cfg = worker.config
+
+    @app.page("/metrics")
+    async def metrics(web: Any, request: Any) -> Any:
+        worker.service.refresh_gauges()
+        body = generate_latest(worker.registry)
+        response = web.bytes(body, content_type=CONTENT_TYPE_LATEST.split(";")[0])
+        return response
+
+    @app.page("/health")
+    async def health(web: Any, request: Any) -> Any:
+        silent = time.time() - worker.broker_ok_at
+        ok = silent <= cfg.worker.broker_timeout_seconds
+        body = {
+            "status": "ok" if ok else "failing",
+            "broker_unreachable_seconds": round(silent, 3),
+            "broker_timeout_seconds": cfg.worker.broker_timeout_seconds,
+        }
+        return web.json(body, status=200 if ok else 503)
+
+    @app.page("/ready")
+    async def ready(web: Any, request: Any) -> Any:
+        ok, reason = worker.is_ready()
+        return web.json({"ready": ok, "reason": reason}, status=200 if ok else 503)
+
+    @app.page("/recommendations/{user_id}")
+    @app.table_route(table=worker.profiles, match_info="user_id")
+    async def recommendations(web: Any, request: Any, user_id: str) -> Any:
+        try:
+            k = parse_k(request.query.get("k"), cfg.serving.k, cfg.serving.max_k)
+        except ValueError as exc:
+            return web.json({"error": str(exc)}, status=400)
+        body = worker.answer(user_id, None, k, int(time.time() * 1000), trigger="http")
+        return web.json(body)
+
+    @app.page("/similar/{item_id}")
+    async def similar(web: Any, request: Any, item_id: str) -> Any:
+        try:
+            k = parse_k(request.query.get("k"), cfg.serving.k, cfg.serving.max_k)
+        except ValueError as exc:
+            return web.json({"error": str(exc)}, status=400)
+        body = worker.answer(None, item_id, k, int(time.time() * 1000), trigger="http")
+        if body.get("error"):
+            return web.json({"error": f"unknown item {item_id!r}", "item_id": item_id}, status=404)
+        return web.json(body)
+
+    @app.page("/index")
+    async def index(web: Any, request: Any) -> Any:
+        managers = []
+        for key, manager in worker.service.managers.items():
+            managers.append(
+                {
+                    "backend": key[0],
+                    "metric": key[1],
+                    "n_trees": key[2],
+                    "search_k": key[3],
+                    "version": manager.version,
+                    "items": manager.item_count,
+                    "pending_items": manager.pending_items,
+                    "age_seconds": manager.age_seconds if manager.version is not None else None,
+                    "last_build_seconds": manager.last_build_seconds,
+                    "sampled_recall": manager.sampled_recall(),
+                    "build_errors": manager.build_errors,
+                }
+            )
+        return web.json({"indexes": managers, "replicated_items": len(worker.replica.known_items())})
