@@ -101,6 +101,7 @@ class EventsConfig:
             "add_to_cart": self.add_to_cart_weight,
             "purchase": self.purchase_weight,
             "rating": self.rating_weight_base,
+            "forget": 0.0,
         }
         return weights[event_type]
 
@@ -217,9 +218,9 @@ class Config:
                 section, name = key.split("__", 1)
                 values.setdefault(section, {})[name] = value
             else:
-                values.setdefault(key, {}).update(
-                    dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-                )
+                if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                    value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+                values.setdefault(key, {}).update(value)
         return _build(values, base=self)
 
 

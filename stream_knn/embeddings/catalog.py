@@ -96,9 +96,7 @@ def blend(
     if c is None:
         return b
     if b.shape != c.shape:
-        raise DimensionError(
-            f"behaviour vector has shape {b.shape} but content vector {c.shape}"
-        )
+        raise DimensionError(f"behaviour vector has shape {b.shape} but content vector {c.shape}")
     w = np.float32(catalog_weight)
     return ((np.float32(1.0) - w) * b + w * c).astype(np.float32, copy=False)
 

@@ -57,7 +57,7 @@ class StreamingModel:
         config: ModelConfig,
         events: EventsConfig | None = None,
         *,
-        activity_weighting: bool = True,
+        activity_weighting: bool = False,
     ) -> None:
         self.config = config
         self.events = events or EventsConfig()
@@ -149,10 +149,12 @@ class StreamingModel:
 
     def delete_item(self, item_id: str) -> bool:
         """Remove everything known about an item; returns whether it existed."""
-        existed = any(
+        # Pop from every store (a generator inside any() would stop at the first hit).
+        popped = [
             store.pop(item_id, None) is not None
             for store in (self._states, self._content, self._records)
-        )
+        ]
+        existed = any(popped) or item_id in self._rows
         self._remove_row(item_id)
         return existed
 
@@ -245,9 +247,7 @@ class StreamingModel:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _search(
-        self, query: Vector, k: int, exclude: frozenset[str]
-    ) -> list[tuple[str, float]]:
+    def _search(self, query: Vector, k: int, exclude: frozenset[str]) -> list[tuple[str, float]]:
         n = len(self._ids)
         if n == 0 or k <= 0:
             return []

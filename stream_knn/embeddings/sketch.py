@@ -212,9 +212,7 @@ class RandomIndexing:
         """``2 ** (-elapsed / half_life)`` for an elapsed event time in ms (>= 0)."""
         return float(2.0 ** (-elapsed_ms / self._half_life_ms))
 
-    def update(
-        self, state: ItemState | None, user_id: str, weight: float, ts_ms: int
-    ) -> ItemState:
+    def update(self, state: ItemState | None, user_id: str, weight: float, ts_ms: int) -> ItemState:
         """Apply one event to an item's state and return the new state.
 
         Parameters

@@ -42,6 +42,18 @@ def _unit_rows(matrix: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return np.ascontiguousarray(matrix / norms, dtype=np.float32)
 
 
+def _neg_euclidean(
+    matrix: npt.NDArray[np.float32],
+    sq_norms: npt.NDArray[np.float32],
+    queries: npt.NDArray[np.float32],
+) -> npt.NDArray[np.float32]:
+    # |m - q|^2 = |m|^2 - 2 m.q + |q|^2 turns the distances into one matrix product.
+    qq = np.einsum("ij,ij->i", queries, queries)
+    d2 = qq[:, None] - 2.0 * (queries @ matrix.T) + sq_norms[None, :]
+    np.maximum(d2, 0.0, out=d2)
+    return np.asarray(-np.sqrt(d2), dtype=np.float32)
+
+
 def exact_scores(
     matrix: npt.NDArray[np.float32], queries: npt.NDArray[np.float32], metric: str
 ) -> npt.NDArray[np.float32]:
@@ -68,14 +80,11 @@ def exact_scores(
     [[-2.0, -3.605551242828369]]
     """
     if metric == "dot":
-        return queries @ matrix.T
+        return np.asarray(queries @ matrix.T, dtype=np.float32)
     if metric == "angular":
-        return _unit_rows(queries) @ _unit_rows(matrix).T
+        return np.asarray(_unit_rows(queries) @ _unit_rows(matrix).T, dtype=np.float32)
     if metric == "euclidean":
-        sq = np.einsum("ij,ij->i", matrix, matrix)
-        qq = np.einsum("ij,ij->i", queries, queries)
-        d2 = qq[:, None] - 2.0 * (queries @ matrix.T) + sq[None, :]
-        return -np.sqrt(np.maximum(d2, 0.0, out=d2), out=d2)
+        return _neg_euclidean(matrix, np.einsum("ij,ij->i", matrix, matrix), queries)
     if metric == "manhattan":
         out = np.empty((len(queries), len(matrix)), dtype=np.float32)
         for qi, q in enumerate(queries):
@@ -92,10 +101,7 @@ def top_k(scores: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
     k = min(k, n)
     if k <= 0:
         return np.empty(0, dtype=np.intp)
-    if k < n:
-        part = np.argpartition(-scores, k - 1)[:k]
-    else:
-        part = np.arange(n)
+    part = np.argpartition(-scores, k - 1)[:k] if k < n else np.arange(n)
     order = np.lexsort((part, -scores[part]))
     return part[order]
 
@@ -159,11 +165,9 @@ class ExactIndex:
     def _scores(self, queries: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         if self.metric == "angular":
             # Rows are already unit length; only the queries need normalising.
-            return _unit_rows(queries) @ self._scored.T
+            return np.asarray(_unit_rows(queries) @ self._scored.T, dtype=np.float32)
         if self.metric == "euclidean":
-            qq = np.einsum("ij,ij->i", queries, queries)
-            d2 = qq[:, None] - 2.0 * (queries @ self._scored.T) + self._sq_norms[None, :]
-            return -np.sqrt(np.maximum(d2, 0.0, out=d2), out=d2)
+            return _neg_euclidean(self._scored, self._sq_norms, queries)
         return exact_scores(self._scored, queries, self.metric)
 
     def _select(

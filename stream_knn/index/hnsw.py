@@ -76,6 +76,7 @@ class HnswIndex:
         m: int = 16,
         ef_construction: int = 200,
         ef_search: int = 64,
+        *,
         build_threads: int = -1,
     ) -> None:
         self.dims = int(dims)

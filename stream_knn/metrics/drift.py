@@ -69,10 +69,17 @@ class EmbeddingDrift:
 class DriftThresholds:
     """Values above which a drift measure is reported as crossed (strictly above).
 
-    The defaults were calibrated on :class:`~stream_knn.events.synthetic.SyntheticStream`
-    with the random-indexing sketch: a stationary stream stays well below each of them and a
-    planted taste shift rises well above (numbers in ``docs`` and the module tests). Field
-    names are the label values of the drift gauges, so ``crossed`` takes their values as is.
+    Calibrated on :class:`~stream_knn.events.synthetic.SyntheticStream` (10 clusters, 2 per
+    user, 25k events between snapshots) with the random-indexing sketch, half-life 200 s of
+    event time. Well-sampled catalog (200 users, 110 items): stationary item cosine shift
+    0.057-0.059, a taste shift 0.39; centroid shift below 0.005 in both (a taste shift
+    reshuffles items, it does not move the catalog as a whole); neighbour drift 0 when
+    stationary, 0.90 when the item structure is permuted. Input windows of 5k events, top 50:
+    stationary item-popularity JS 0.004-0.009, a taste shift with 1-3 users 0.54-0.88;
+    event-type JS below 5e-4. Sparse data moves the stationary level up (1000 users, 500
+    items: cosine shift 0.42, neighbour drift 0.88 from exchangeable neighbours), so
+    re-calibrate on a replay of your own traffic. Field names are the label values of the
+    drift gauges, so :meth:`crossed` takes their values as is.
 
     Attributes
     ----------
@@ -509,9 +516,7 @@ def _head(counts: Mapping[str, float], top: int) -> list[str]:
     return [k for k, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
 
 
-def _shares(
-    p: _Counts, q: _Counts
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+def _shares(p: _Counts, q: _Counts) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     a = np.asarray(p, dtype=np.float64)
     b = np.asarray(q, dtype=np.float64)
     if a.ndim != 1 or a.shape != b.shape:
@@ -544,4 +549,3 @@ def _snap(value: float) -> float:
     # Floating-point sums of identical inputs leave residues like 1e-17 or -2e-16; drift of
     # identical snapshots is exactly 0 and should read so on a dashboard.
     return 0.0 if abs(value) < 1e-12 else value
-

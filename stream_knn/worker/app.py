@@ -114,8 +114,6 @@ class WorkerApp:
             "partitions": w.partitions,
             "key_type": bytes,
             "value_type": bytes,
-            "key_serializer": "raw",
-            "value_serializer": "raw",
             "options": {"driver": "rocksdict"},
         }
         self.profiles = app.Table("user-profiles", default=None, **table_opts)
@@ -202,7 +200,13 @@ class WorkerApp:
         profile = UserProfile.from_bytes(raw_profile) if raw_profile else UserProfile()
         variant = self.service.assigner.assign(ev.user_id)
         self._note_online_hit(ev.user_id, ev.item_id, variant.name)
-        profile = profile.add(ev.item_id, ev.ts_ms, ev.weight, cfg.model.profile_max_items)
+        profile = profile.add(
+            ev.item_id,
+            ev.ts_ms,
+            ev.weight,
+            cfg.model.profile_max_items,
+            cfg.model.profile_half_life_seconds,
+        )
         self.profiles[user_key] = profile.to_bytes()
         self.service.observe(ev)
         await self.item_updates.send(

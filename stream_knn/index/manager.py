@@ -1,0 +1,582 @@
+"""The index lifecycle: current item vectors, a live immutable index, an exact delta, rebuilds.
+
+Searches merge the live index (built from a snapshot) with an exact numpy search over the
+items changed since that snapshot, so a fresh or changed item is found before the next
+build and a deleted one never comes back. Builds run in a background thread from a
+snapshot, are written as a new version by :class:`~stream_knn.index.store.IndexStore` and
+swapped in atomically.
+
+Feed the current vectors with :meth:`IndexManager.upsert` before or right after
+:meth:`IndexManager.start`: items of a warm-started version that are never upserted are
+served until the next build, which is made from the upserted vectors only.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from stream_knn.config import IndexConfig
+from stream_knn.errors import CorruptIndexError, IndexError_, StreamKnnError
+from stream_knn.index.base import Index, Neighbours, as_query, make_index
+from stream_knn.index.exact import ExactIndex, exact_scores, top_k
+from stream_knn.index.store import IndexStore, VersionInfo
+
+__all__ = ["IndexManager"]
+
+logger = logging.getLogger(__name__)
+
+#: Recall samples averaged by :meth:`IndexManager.sampled_recall`.
+_RECALL_WINDOW = 1000
+#: The builder thread looks at the PINNED file at least this often, seconds.
+_MAX_TICK_SECONDS = 1.0
+
+SwapCallback = Callable[[VersionInfo, VersionInfo | None], None]
+
+
+@dataclass(frozen=True)
+class _Live:
+    """The served index with the vectors it was built from (for diffs and the oracle)."""
+
+    info: VersionInfo
+    index: Index
+    positions: dict[str, int]
+    matrix: npt.NDArray[np.float32]
+
+
+class _Delta:
+    """Current vectors of the items changed since the live snapshot, searched exactly."""
+
+    def __init__(self, dims: int, metric: str) -> None:
+        self._metric = metric
+        self._ids: list[str] = []
+        self._pos: dict[str, int] = {}
+        self._matrix = np.empty((64, dims), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def set(self, item_id: str, vector: npt.NDArray[np.float32]) -> None:
+        pos = self._pos.get(item_id)
+        if pos is None:
+            pos = len(self._ids)
+            if pos == len(self._matrix):
+                grown = np.empty((2 * len(self._matrix), self._matrix.shape[1]), np.float32)
+                grown[:pos] = self._matrix
+                self._matrix = grown
+            self._ids.append(item_id)
+            self._pos[item_id] = pos
+        self._matrix[pos] = vector
+
+    def remove(self, item_id: str) -> None:
+        pos = self._pos.pop(item_id, None)
+        if pos is None:
+            return
+        last = len(self._ids) - 1
+        if pos != last:
+            # Swap the last row into the hole so rows stay contiguous.
+            moved = self._ids[last]
+            self._ids[pos] = moved
+            self._pos[moved] = pos
+            self._matrix[pos] = self._matrix[last]
+        self._ids.pop()
+
+    def search(
+        self, query: npt.NDArray[np.float32], k: int, exclude: Collection[str]
+    ) -> Neighbours:
+        n = len(self._ids)
+        if n == 0 or k <= 0:
+            return []
+        scores = exact_scores(self._matrix[:n], query[None, :], self._metric)[0]
+        hidden = {self._pos[i] for i in exclude if i in self._pos}
+        if hidden:
+            scores[list(hidden)] = -np.inf
+            k = min(k, n - len(hidden))
+        return [(self._ids[p], float(scores[p])) for p in top_k(scores, k)]
+
+
+def _index_matrix(index: Index) -> npt.NDArray[np.float32]:
+    """The vectors an index holds, in build order (read back item by item)."""
+    if not len(index):
+        return np.empty((0, index.dims), dtype=np.float32)
+    rows = []
+    for item_id in index.ids:
+        vector = index.vector(item_id)
+        if vector is None:  # pragma: no cover - ids come from the index itself
+            raise CorruptIndexError(f"index lists {item_id!r} but holds no vector for it")
+        rows.append(vector)
+    return np.stack(rows).astype(np.float32, copy=False)
+
+
+def _unit(matrix: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    norms[norms == 0.0] = 1.0
+    return np.asarray(matrix / norms, dtype=np.float32)
+
+
+def _same_rows(
+    a: npt.NDArray[np.float32], b: npt.NDArray[np.float32], metric: str
+) -> npt.NDArray[np.bool_]:
+    if metric == "angular":
+        # Some backends store unit vectors for angular: compare directions.
+        a, b = _unit(a), _unit(b)
+        return np.asarray(np.isclose(a, b, rtol=1e-5, atol=1e-6).all(axis=1))
+    return np.asarray(np.isclose(a, b, rtol=1e-6, atol=1e-7).all(axis=1))
+
+
+class IndexManager:
+    """Keeps a fresh k-NN index over changing item vectors.
+
+    Parameters
+    ----------
+    config
+        Backend, metric and the rebuild policy.
+    root
+        Directory of the index versions (see :class:`~stream_knn.index.store.IndexStore`).
+    dims
+        Values per item vector; other lengths are rejected on :meth:`upsert`.
+    on_swap
+        Called as ``on_swap(new, old)`` after a version starts being served (from the
+        builder thread or the caller of :meth:`start`/:meth:`rebuild_now`).
+    """
+
+    def __init__(
+        self,
+        config: IndexConfig,
+        root: Path,
+        dims: int,
+        *,
+        on_swap: SwapCallback | None = None,
+    ) -> None:
+        self.config = config
+        self.dims = int(dims)
+        self.metric = config.metric
+        self.store = IndexStore(Path(root), config.keep_versions)
+        self._on_swap = on_swap
+        # One lock guards every mutable field; searches hold it only for the delta part.
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._build_lock = threading.Lock()
+        self._vectors: dict[str, npt.NDArray[np.float32]] = {}
+        #: Items whose current vector may differ from the live index -> change sequence.
+        self._changed: dict[str, int] = {}
+        #: Deleted ids: never returned, even by a (re-served) version that still has them.
+        self._tombstones: set[str] = set()
+        #: Items touched since the last build snapshot (what the rebuild policy counts).
+        self._dirty: set[str] = set()
+        self._delta = _Delta(self.dims, self.metric)
+        self._seq = 0
+        self._live: _Live | None = None
+        self._pinned: int | None = None
+        self._build_errors = 0
+        self._last_build_seconds: float | None = None
+        self._last_build_started = time.monotonic()
+        self._retry_after = 0.0
+        self._requested = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._recall: deque[float] = deque(maxlen=_RECALL_WINDOW)
+        self._rng = random.Random()
+        self._oracle: tuple[_Live, ExactIndex] | None = None
+
+    # -- properties ------------------------------------------------------------------
+
+    @property
+    def version(self) -> int | None:
+        """The served index version, or ``None`` before the first one."""
+        live = self._live
+        return None if live is None else live.info.version
+
+    @property
+    def item_count(self) -> int:
+        """Number of current items (upserted and not deleted)."""
+        return len(self._vectors)
+
+    @property
+    def pending_items(self) -> int:
+        """Items searched exactly because they changed since the live snapshot."""
+        return len(self._delta)
+
+    @property
+    def age_seconds(self) -> float | None:
+        """Seconds since the served version was created, or ``None``."""
+        live = self._live
+        return None if live is None else time.time() - live.info.created_at.timestamp()
+
+    @property
+    def last_build_seconds(self) -> float | None:
+        """Duration of the last successful index build (without saving), seconds."""
+        return self._last_build_seconds
+
+    @property
+    def build_errors(self) -> int:
+        """Builds that failed (including failed writes) since this manager was made."""
+        return self._build_errors
+
+    @property
+    def pinned(self) -> int | None:
+        """The version pinned by ``stream-knn index rollback``, as last seen."""
+        return self._pinned
+
+    # -- item vectors ----------------------------------------------------------------
+
+    def upsert(self, item_id: str, vector: npt.ArrayLike) -> None:
+        """Set the current vector of ``item_id``; searches see it at once.
+
+        Raises
+        ------
+        DimensionError
+            If ``vector`` does not have ``dims`` values or holds NaN/inf.
+        """
+        vec = as_query(vector, self.dims).copy()
+        vec.setflags(write=False)
+        with self._lock:
+            self._seq += 1
+            self._tombstones.discard(item_id)
+            first_seen = item_id not in self._vectors
+            self._vectors[item_id] = vec
+            live = self._live
+            pos = None if live is None else live.positions.get(item_id)
+            if (
+                first_seen
+                and live is not None
+                and pos is not None
+                and _same_rows(live.matrix[pos : pos + 1], vec[None, :], self.metric)[0]
+            ):
+                # Replaying the vectors a warm-started version was built from: no change.
+                self._changed.pop(item_id, None)
+                self._delta.remove(item_id)
+                return
+            self._changed[item_id] = self._seq
+            self._delta.set(item_id, vec)
+            self._dirty.add(item_id)
+            if self._due_now():
+                self._wake.notify_all()
+
+    def delete(self, item_id: str) -> bool:
+        """Remove ``item_id``; it is never returned again. ``False`` if it was unknown."""
+        with self._lock:
+            known = self._vectors.pop(item_id, None) is not None
+            live = self._live
+            if not known and (live is None or item_id not in live.positions):
+                return False
+            self._seq += 1
+            self._changed.pop(item_id, None)
+            self._delta.remove(item_id)
+            self._tombstones.add(item_id)
+            self._dirty.add(item_id)
+            return True
+
+    def vectors_snapshot(self) -> dict[str, npt.NDArray[np.float32]]:
+        """A copy of the current item vectors (the arrays are read-only, not copied)."""
+        with self._lock:
+            return dict(self._vectors)
+
+    def vector(self, item_id: str) -> npt.NDArray[np.float32] | None:
+        """The current vector of ``item_id`` (read-only), or None for an unknown item."""
+        return self._vectors.get(item_id)
+
+    # -- search ----------------------------------------------------------------------
+
+    def search(self, query: npt.ArrayLike, k: int, exclude: Collection[str] = ()) -> Neighbours:
+        """The ``k`` current items nearest ``query``, best first, none in ``exclude``.
+
+        Raises
+        ------
+        DimensionError
+            If ``query`` does not have ``dims`` finite values.
+        """
+        q = as_query(query, self.dims)
+        if k <= 0:
+            return []
+        live = self._live
+        n = k
+        while True:
+            # The immutable live index is searched without the lock.
+            found = [] if live is None else live.index.search(q, n, exclude)
+            with self._lock:
+                if live is not self._live:  # swapped meanwhile: start over on the new one
+                    live, n = self._live, k
+                    continue
+                changed, dead = self._changed, self._tombstones
+                kept = [(i, s) for i, s in found if i not in changed and i not in dead]
+                if len(kept) < k and len(found) == n and live is not None and n < len(live.index):
+                    n = min(2 * n, len(live.index))
+                    continue
+                merged = kept + self._delta.search(q, k, exclude)
+                merged.sort(key=lambda pair: -pair[1])
+                result = merged[:k]
+                if self.config.recall_sample_rate > 0 and (
+                    self._rng.random() < self.config.recall_sample_rate
+                ):
+                    self._sample_recall(q, k, exclude, result)
+                return result
+
+    def similar(self, item_id: str, k: int) -> Neighbours | None:
+        """The ``k`` items nearest ``item_id`` (itself excluded), or ``None`` if unknown."""
+        with self._lock:
+            vector = self._vectors.get(item_id)
+            live = self._live
+            if vector is None and live is not None and item_id not in self._tombstones:
+                pos = live.positions.get(item_id)
+                vector = None if pos is None else live.matrix[pos]
+        if vector is None:
+            return None
+        return self.search(vector, k, exclude={item_id})
+
+    def _sample_recall(
+        self,
+        query: npt.NDArray[np.float32],
+        k: int,
+        exclude: Collection[str],
+        result: Neighbours,
+    ) -> None:
+        """Answer ``query`` exactly over the current vectors and record recall@k."""
+        live = self._live
+        exact: Neighbours = []
+        if live is not None and len(live.matrix):
+            if self._oracle is None or self._oracle[0] is not live:
+                oracle = ExactIndex(self.dims, self.metric)
+                oracle.build(list(live.positions), live.matrix)
+                self._oracle = (live, oracle)
+            hidden = set(exclude) | self._changed.keys() | self._tombstones
+            exact = self._oracle[1].search(query, k, hidden)
+        exact = sorted(exact + self._delta.search(query, k, exclude), key=lambda p: -p[1])[:k]
+        if exact:
+            truth = {i for i, _ in exact}
+            self._recall.append(len(truth & {i for i, _ in result}) / len(truth))
+
+    def sampled_recall(self) -> float | None:
+        """Mean recall@k of the last sampled searches against exact search, or ``None``."""
+        samples = list(self._recall)
+        return sum(samples) / len(samples) if samples else None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Serve the pinned or newest valid saved version, then start the builder thread."""
+        if self._thread is not None and self._thread.is_alive():
+            raise IndexError_("the index manager is already started; call stop() first")
+        pinned = self.store.pinned()
+        loaded: tuple[VersionInfo, Index] | None = None
+        if pinned is not None:
+            loaded = self._load_version(pinned)
+        if loaded is None:
+            loaded = self.store.latest_valid(dims=self.dims, metric=self.metric)
+        if loaded is not None:
+            self._adopt(*loaded)
+            logger.info("warm start from index version %d", loaded[0].version)
+        self._pinned = pinned
+        with self._lock:
+            self._stopping = False
+            self._last_build_started = time.monotonic()
+        self._thread = threading.Thread(
+            target=self._run, name="stream-knn-index-builder", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the builder thread (a build in progress finishes first) and join it."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def rebuild_now(self, wait: bool = True) -> VersionInfo | None:
+        """Build a version from the current vectors now.
+
+        With ``wait`` the build runs in the caller's thread (after any build in progress)
+        and its version is returned; errors are raised (and counted). Without ``wait`` the
+        builder thread is asked to build and ``None`` is returned.
+        """
+        if wait:
+            return self._build("requested", raise_errors=True)
+        with self._lock:
+            self._requested = True
+            self._wake.notify_all()
+            running = self._thread is not None and self._thread.is_alive()
+        if not running:
+            threading.Thread(
+                target=self._build, args=("requested",), name="stream-knn-index-build", daemon=True
+            ).start()
+        return None
+
+    def _due_now(self) -> bool:
+        """Whether changes alone (not the clock) call for a build; caller holds the lock."""
+        if self._pinned is not None or time.monotonic() < self._retry_after:
+            return False
+        return (
+            len(self._delta) >= self.config.max_delta_items
+            or len(self._dirty) >= self.config.rebuild_min_changes
+        )
+
+    def _due(self) -> str | None:
+        with self._lock:
+            if self._requested:
+                return "requested"
+            if not self._dirty or time.monotonic() < self._retry_after:
+                return None
+            if self._pinned is None and len(self._delta) >= self.config.max_delta_items:
+                return "max_delta_items"
+            if self._pinned is None and len(self._dirty) >= self.config.rebuild_min_changes:
+                return "rebuild_min_changes"
+            elapsed = time.monotonic() - self._last_build_started
+            if elapsed >= self.config.rebuild_interval_seconds:
+                return "interval"
+            return None
+
+    def _run(self) -> None:
+        tick = min(self.config.rebuild_interval_seconds, _MAX_TICK_SECONDS)
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                self._wake.wait(tick)
+                if self._stopping:
+                    return
+            self._follow_pin()
+            reason = self._due()
+            if reason is not None:
+                self._build(reason)
+
+    def _build(self, reason: str, raise_errors: bool = False) -> VersionInfo | None:
+        with self._build_lock:
+            with self._lock:
+                self._requested = False
+                snap_seq = self._seq
+                snapshot = dict(self._vectors)
+                dirty, self._dirty = self._dirty, set()
+                self._last_build_started = time.monotonic()
+            ids = list(snapshot)
+            matrix = (
+                np.stack([snapshot[i] for i in ids])
+                if ids
+                else np.empty((0, self.dims), dtype=np.float32)
+            )
+            try:
+                index = make_index(self.config, self.dims)
+                started = time.perf_counter()
+                index.build(ids, matrix)
+                seconds = time.perf_counter() - started
+                info = self.store.write(index, seconds)
+            except (StreamKnnError, OSError) as exc:
+                with self._lock:
+                    self._build_errors += 1
+                    # Keep the changes pending, but wait an interval before retrying.
+                    self._dirty |= dirty
+                    self._retry_after = time.monotonic() + self.config.rebuild_interval_seconds
+                logger.error("index build (%s) failed: %s", reason, exc)
+                if raise_errors:
+                    raise
+                return None
+            self._last_build_seconds = seconds
+            logger.info(
+                "built index version %d (%s): %d items in %.2fs",
+                info.version,
+                reason,
+                len(ids),
+                seconds,
+                extra={"version": info.version},
+            )
+            if self.store.pinned() is None:
+                self._swap(info, index, matrix, snap_seq)
+            else:
+                logger.info(
+                    "index version %d written but not served: version %s is pinned",
+                    info.version,
+                    self.store.pinned(),
+                )
+            live = self._live
+            self.store.prune(protect=() if live is None else (live.info.version,))
+            return info
+
+    def _swap(
+        self, info: VersionInfo, index: Index, matrix: npt.NDArray[np.float32], snap_seq: int
+    ) -> None:
+        """Serve ``index``, built from the vectors as of change ``snap_seq``."""
+        positions = {item_id: pos for pos, item_id in enumerate(index.ids)}
+        with self._lock:
+            old = self._live
+            self._live = _Live(info, index, positions, matrix)
+            self._changed = {i: s for i, s in self._changed.items() if s > snap_seq}
+            delta = _Delta(self.dims, self.metric)
+            for item_id in self._changed:
+                delta.set(item_id, self._vectors[item_id])
+            self._delta = delta
+        self._notify_swap(info, None if old is None else old.info)
+
+    def _adopt(self, info: VersionInfo, index: Index) -> None:
+        """Serve a saved version whose snapshot is unknown: diff it against the vectors."""
+        matrix = _index_matrix(index)
+        positions = {item_id: pos for pos, item_id in enumerate(index.ids)}
+        with self._lock:
+            old = self._live
+            ids = list(self._vectors)
+            in_index = [i for i in ids if i in positions]
+            same: set[str] = set()
+            if in_index:
+                current = np.stack([self._vectors[i] for i in in_index])
+                rows = matrix[[positions[i] for i in in_index]]
+                equal = _same_rows(rows, current, self.metric)
+                same = {i for i, ok in zip(in_index, equal.tolist(), strict=True) if ok}
+            self._live = _Live(info, index, positions, matrix)
+            self._changed = {i: self._seq for i in ids if i not in same}
+            delta = _Delta(self.dims, self.metric)
+            for item_id in self._changed:
+                delta.set(item_id, self._vectors[item_id])
+            self._delta = delta
+        self._notify_swap(info, None if old is None else old.info)
+
+    def _load_version(self, version: int) -> tuple[VersionInfo, Index] | None:
+        try:
+            info = self.store.info(version)
+            if info.dims != self.dims or info.metric != self.metric:
+                logger.error(
+                    "cannot serve index version %d: built for %s/%d dims, need %s/%d dims",
+                    version,
+                    info.metric,
+                    info.dims,
+                    self.metric,
+                    self.dims,
+                )
+                return None
+            return info, self.store.load(version)
+        except CorruptIndexError as exc:
+            logger.error("cannot serve index version %d: %s", version, exc)
+            return None
+
+    def _follow_pin(self) -> None:
+        """Serve what ``stream-knn index rollback`` (another process) asked for."""
+        pinned = self.store.pinned()
+        if pinned == self._pinned:
+            return
+        self._pinned = pinned
+        if pinned is not None:
+            loaded = self._load_version(pinned)
+            if loaded is not None:
+                logger.info("serving pinned index version %d", pinned)
+        else:
+            loaded = self.store.latest_valid(dims=self.dims, metric=self.metric)
+            logger.info("index unpinned; serving the newest valid version")
+        if loaded is not None and loaded[0].version != self.version:
+            self._adopt(*loaded)
+
+    def _notify_swap(self, new: VersionInfo, old: VersionInfo | None) -> None:
+        if self._on_swap is None:
+            return
+        try:
+            self._on_swap(new, old)
+        except Exception:
+            # A faulty listener must not take the index lifecycle down with it.
+            logger.exception("on_swap callback failed for index version %d", new.version)

@@ -1,0 +1,210 @@
+"""Fixtures for tests that run a real ``stream-knn worker`` process against a real broker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+TOPIC_ROLES = ("user_events", "item_catalog", "recommendations", "requests", "dlq")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class WorkerEnv:
+    """Unique topics, app id, data dir and port for one worker deployment under test."""
+
+    bootstrap: str
+    data_dir: Path
+    suffix: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    web_port: int = field(default_factory=free_port)
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def topics(self) -> dict[str, str]:
+        return {role: f"{role.replace('_', '-')}-{self.suffix}" for role in TOPIC_ROLES}
+
+    @property
+    def app_id(self) -> str:
+        return f"sknn-test-{self.suffix}"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_KNN_")}
+        env.update(
+            {
+                "STREAM_KNN_BOOTSTRAP_SERVERS": self.bootstrap,
+                "STREAM_KNN_WORKER__APP_ID": self.app_id,
+                "STREAM_KNN_DATA_DIR": str(self.data_dir),
+                "STREAM_KNN_WEB_PORT": str(self.web_port),
+                "STREAM_KNN_WORKER__PARTITIONS": "4",
+                "STREAM_KNN_REBUILD_INTERVAL": "1",
+                "STREAM_KNN_INDEX__REBUILD_MIN_CHANGES": "100000",
+            }
+        )
+        for role, name in self.topics.items():
+            env[f"STREAM_KNN_KAFKA__{role.upper()}_TOPIC"] = name
+        env.update(self.extra)
+        return env
+
+    def create_topics(self) -> None:
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        futures = admin.create_topics(
+            [NewTopic(name, num_partitions=4, replication_factor=1) for name in self.topics.values()]
+        )
+        for future in futures.values():
+            future.result(timeout=30)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.web_port}{path}"
+
+    def get(self, path: str) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(self.url(path), timeout=10) as resp:
+                body = resp.read()
+                status = resp.status
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+            status = exc.code
+        try:
+            return status, orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return status, body.decode()
+
+    def produce(self, topic_role: str, records: list[tuple[bytes | None, bytes | None]]) -> None:
+        producer = Producer(
+            {"bootstrap.servers": self.bootstrap, "partitioner": "murmur2_random", "linger.ms": 5}
+        )
+        errors: list[Any] = []
+        for key, value in records:
+            producer.produce(
+                self.topics[topic_role],
+                key=key,
+                value=value,
+                on_delivery=lambda err, _msg: errors.append(err) if err else None,
+            )
+        assert producer.flush(30) == 0
+        assert not errors, errors
+
+    def consume(
+        self, topic_role: str, expected: int, timeout_s: float = 60.0
+    ) -> list[tuple[bytes | None, Any]]:
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "group.id": f"test-{uuid.uuid4().hex}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            }
+        )
+        consumer.subscribe([self.topics[topic_role]])
+        out: list[tuple[bytes | None, Any]] = []
+        deadline = time.monotonic() + timeout_s
+        try:
+            while len(out) < expected and time.monotonic() < deadline:
+                for msg in consumer.consume(500, timeout=0.5):
+                    if msg.error():
+                        continue
+                    out.append((msg.key(), orjson.loads(msg.value())))
+            # Keep listening briefly so extra (unexpected) records are seen too.
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:
+                for msg in consumer.consume(500, timeout=0.2):
+                    if not msg.error():
+                        out.append((msg.key(), orjson.loads(msg.value())))
+        finally:
+            consumer.close()
+        return out
+
+
+class WorkerProcess:
+    """``stream-knn worker`` as a user runs it, in a subprocess."""
+
+    def __init__(self, env: WorkerEnv, log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_ready: bool = True, timeout_s: float = 120.0) -> WorkerProcess:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "stream_knn.cli", "worker"],
+                env=self.env.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        if wait_ready:
+            self.wait_ready(timeout_s)
+        return self
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                status, _body = self.env.get("/ready")
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"worker not ready after {timeout_s}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, kill: bool = False, timeout_s: float = 30.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def worker_env(kafka_bootstrap: str, tmp_path: Path) -> WorkerEnv:
+    env = WorkerEnv(kafka_bootstrap, tmp_path / "state")
+    env.create_topics()
+    return env
+
+
+@pytest.fixture
+def run_worker(worker_env: WorkerEnv, tmp_path: Path) -> Iterator[Any]:
+    started: list[WorkerProcess] = []
+
+    def _start(wait_ready: bool = True) -> WorkerProcess:
+        proc = WorkerProcess(worker_env, tmp_path / f"worker-{len(started)}.log")
+        started.append(proc)
+        return proc.start(wait_ready=wait_ready)
+
+    yield _start
+    for proc in started:
+        proc.stop()

@@ -1,0 +1,305 @@
+"""The index lifecycle: exact delta merged with the live index, background rebuilds, warm start."""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+import stream_knn.index.manager as manager_module
+from stream_knn.config import IndexConfig
+from stream_knn.errors import DimensionError, IndexError_
+from stream_knn.index import ExactIndex, Index, IndexManager, IndexStore, VersionInfo
+
+DIMS = 4
+QUIET = {"rebuild_interval_seconds": 3600.0, "rebuild_min_changes": 10_000}
+
+
+def _config(**overrides: object) -> IndexConfig:
+    values: dict[str, object] = {"metric": "euclidean", "n_trees": 4, "recall_sample_rate": 0.0}
+    values.update(QUIET)
+    values.update(overrides)
+    return IndexConfig(**values)  # type: ignore[arg-type]
+
+
+def _vec(*values: float) -> npt.NDArray[np.float32]:
+    return np.array(values, dtype=np.float32)
+
+
+def _items(n: int, seed: int = 0) -> dict[str, npt.NDArray[np.float32]]:
+    rng = np.random.default_rng(seed)
+    return {f"i{k}": rng.normal(size=DIMS).astype(np.float32) for k in range(n)}
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll ``condition``; the timeout only bounds a hang, it asserts no speed."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.01)
+
+
+def _exact_ids(
+    vectors: dict[str, npt.NDArray[np.float32]], query: npt.NDArray[np.float32], k: int
+) -> list[str]:
+    oracle = ExactIndex(DIMS, "euclidean")
+    oracle.build(list(vectors), np.stack(list(vectors.values())))
+    return [i for i, _ in oracle.search(query, k)]
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> Iterator[IndexManager]:
+    m = IndexManager(_config(), tmp_path / "index", DIMS)
+    yield m
+    m.stop()
+
+
+def test_items_changed_after_the_build_are_searched_from_their_current_vector(
+    manager: IndexManager,
+) -> None:
+    for item_id, vector in _items(50).items():
+        manager.upsert(item_id, vector)
+    info = manager.rebuild_now()
+    assert info is not None
+    assert (manager.version, info.item_count, manager.pending_items) == (1, 50, 0)
+    query = _vec(5, 5, 5, 5)
+    manager.upsert("fresh", _vec(5, 5, 5, 4.5))
+    manager.upsert("i3", _vec(5, 5, 5, 5.25))  # moved next to the query since the build
+    assert manager.pending_items == 2
+    found = manager.search(query, 3)
+    assert [i for i, _ in found[:2]] == ["i3", "fresh"]
+    assert [s for _, s in found[:2]] == pytest.approx([-0.25, -0.5])
+    current = manager.vectors_snapshot()
+    assert [i for i, _ in manager.search(query, 10)] == _exact_ids(current, query, 10)
+    assert manager.item_count == 51
+
+
+def test_deleted_items_are_never_returned(manager: IndexManager) -> None:
+    items = _items(30)
+    for item_id, vector in items.items():
+        manager.upsert(item_id, vector)
+    manager.rebuild_now()
+    manager.upsert("fresh", items["i0"] + 0.01)
+    assert manager.delete("i0") is True  # in the live index
+    assert manager.delete("fresh") is True  # in the delta
+    assert manager.delete("never-seen") is False
+    everything = {i for i, _ in manager.search(items["i0"], 100)}
+    assert everything == set(items) - {"i0"}
+    assert manager.similar("i0", 5) is None
+    manager.rebuild_now()
+    assert {i for i, _ in manager.search(items["i0"], 100)} == set(items) - {"i0"}
+    # Upserting a deleted id brings it back.
+    manager.upsert("i0", items["i0"])
+    assert manager.search(items["i0"], 1)[0][0] == "i0"
+
+
+def test_similar_excludes_the_item_itself(manager: IndexManager) -> None:
+    manager.upsert("a", _vec(0, 0, 0, 0))
+    manager.upsert("b", _vec(0, 0, 0, 1))
+    manager.upsert("c", _vec(0, 0, 0, 3))
+    manager.rebuild_now()
+    manager.upsert("d", _vec(0, 0, 0, 0.5))
+    assert manager.similar("a", 2) == [("d", -0.5), ("b", -1.0)]
+    assert manager.similar("zzz", 2) is None
+
+
+def test_bad_vectors_are_rejected_on_upsert(manager: IndexManager) -> None:
+    with pytest.raises(DimensionError):
+        manager.upsert("a", _vec(1, 2, 3))
+    with pytest.raises(DimensionError):
+        manager.upsert("a", _vec(1, 2, float("nan"), 4))
+    with pytest.raises(DimensionError):
+        manager.upsert("a", _vec(1, 2, float("inf"), 4))
+    assert manager.item_count == 0
+    with pytest.raises(DimensionError):
+        manager.search(_vec(1, 2), 3)
+
+
+class _GatedExact(ExactIndex):
+    """An exact index whose build waits for the test to open a gate."""
+
+    entered = threading.Event()
+    gate = threading.Event()
+
+    def build(self, ids: Sequence[str], vectors: npt.NDArray[np.float32]) -> None:
+        type(self).entered.set()
+        assert type(self).gate.wait(30)
+        super().build(ids, vectors)
+
+
+def test_rebuild_runs_in_the_background_while_upserts_continue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _GatedExact.entered = threading.Event()
+    _GatedExact.gate = threading.Event()
+    monkeypatch.setattr(
+        manager_module, "make_index", lambda config, dims: _GatedExact(dims, config.metric)
+    )
+    swaps: list[tuple[VersionInfo, VersionInfo | None]] = []
+    m = IndexManager(
+        _config(rebuild_min_changes=40),
+        tmp_path,
+        DIMS,
+        on_swap=lambda new, old: swaps.append((new, old)),
+    )
+    m.start()
+    try:
+        items = _items(70)
+        names = list(items)
+        for item_id in names[:40]:
+            m.upsert(item_id, items[item_id])
+        assert _GatedExact.entered.wait(30), "the 40th change should start a build"
+        # The build is blocked: upserts and searches go on meanwhile.
+        for item_id in names[40:]:
+            m.upsert(item_id, items[item_id])
+        assert m.version is None
+        assert m.search(items["i65"], 1)[0][0] == "i65"
+        _GatedExact.gate.set()
+        _wait_for(lambda: m.version == 1, "the swap")
+        assert swaps[0][0].version == 1
+        assert swaps[0][0].item_count == 40
+        assert swaps[0][1] is None
+        # Only the items changed after the snapshot are left in the delta.
+        assert m.pending_items == 30
+        for item_id in names:
+            assert m.search(items[item_id], 1)[0] == (item_id, 0.0)
+        assert m.last_build_seconds is not None
+        assert m.age_seconds is not None
+    finally:
+        _GatedExact.gate.set()
+        m.stop()
+
+
+def test_reaching_max_delta_items_forces_a_build(tmp_path: Path) -> None:
+    m = IndexManager(_config(max_delta_items=10), tmp_path, DIMS)
+    m.start()
+    try:
+        for item_id, vector in _items(10).items():
+            m.upsert(item_id, vector)
+        _wait_for(lambda: m.version == 1, "the forced build")
+        assert m.pending_items == 0
+    finally:
+        m.stop()
+
+
+def test_warm_start_serves_the_newest_valid_version(tmp_path: Path) -> None:
+    items = _items(20)
+    first = IndexManager(_config(), tmp_path, DIMS)
+    for item_id, vector in list(items.items())[:10]:
+        first.upsert(item_id, vector)
+    first.rebuild_now()
+    for item_id, vector in list(items.items())[10:]:
+        first.upsert(item_id, vector)
+    first.rebuild_now()
+    first.upsert("extra", _vec(9, 9, 9, 9))
+    newest = first.rebuild_now()
+    assert newest is not None
+    data = (newest.path / "index.ann").read_bytes()
+    (newest.path / "index.ann").write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+
+    swaps: list[int] = []
+    second = IndexManager(
+        _config(), tmp_path, DIMS, on_swap=lambda new, old: swaps.append(new.version)
+    )
+    second.start()
+    try:
+        assert (second.version, swaps) == (2, [2])
+        # Served from the loaded version before any vector was fed in.
+        assert second.search(items["i15"], 1)[0][0] == "i15"
+        assert second.similar("i15", 1) is not None
+        # Replaying the vectors it was built from changes nothing...
+        for item_id, vector in items.items():
+            second.upsert(item_id, vector)
+        assert second.pending_items == 0
+        # ...a genuinely new vector does.
+        second.upsert("i4", items["i4"] + 1)
+        assert second.pending_items == 1
+    finally:
+        second.stop()
+
+
+def test_failed_write_keeps_the_old_version_serving_and_counts_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = IndexManager(_config(), tmp_path, DIMS)
+    items = _items(20)
+    for item_id, vector in items.items():
+        m.upsert(item_id, vector)
+    m.rebuild_now()
+    m.upsert("fresh", _vec(7, 7, 7, 7))
+
+    def full(directory: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(IndexStore, "write", _failing_write(full))
+    with pytest.raises(IndexError_, match="No space left"):
+        m.rebuild_now()
+    assert (m.build_errors, m.version, m.pending_items) == (1, 1, 1)
+    assert m.store.write_errors == 1
+    assert [v.version for v in m.store.versions()] == [1]
+    assert m.search(_vec(7, 7, 7, 7), 1)[0][0] == "fresh"
+    assert m.search(items["i2"], 1)[0][0] == "i2"
+    m.rebuild_now(wait=False)  # in the background: counted, not raised
+    _wait_for(lambda: m.build_errors == 2, "the background build error")
+    assert m.version == 1
+
+
+def _failing_write(
+    save: Callable[[Path], None],
+) -> Callable[[IndexStore, Index, float], VersionInfo]:
+    real = IndexStore.write
+
+    def write(self: IndexStore, index: Index, build_seconds: float) -> VersionInfo:
+        setattr(index, "save", save)  # noqa: B010 - replacing a method of one instance
+        return real(self, index, build_seconds)
+
+    return write
+
+
+def test_pinned_version_is_served_and_new_builds_are_not_swapped_in(tmp_path: Path) -> None:
+    m = IndexManager(_config(), tmp_path, DIMS)
+    m.upsert("a", _vec(0, 0, 0, 0))
+    m.rebuild_now()
+    m.upsert("b", _vec(1, 0, 0, 0))
+    m.rebuild_now()
+    m.store.pin(1)
+    m.start()
+    try:
+        assert (m.version, m.pinned) == (1, 1)
+        # "b" is not in version 1 but stays findable through the delta.
+        assert [i for i, _ in m.search(_vec(1, 0, 0, 0), 2)] == ["b", "a"]
+        info = m.rebuild_now()
+        assert info is not None
+        assert info.version == 3
+        assert m.version == 1
+        m.store.unpin()
+        _wait_for(lambda: m.version == 3, "serving the newest version after unpin")
+        assert m.pending_items == 0
+    finally:
+        m.stop()
+
+
+def test_sampled_recall_compares_with_exact_search(tmp_path: Path) -> None:
+    exact = IndexManager(_config(backend="exact", recall_sample_rate=1.0), tmp_path / "e", DIMS)
+    poor = IndexManager(
+        _config(n_trees=1, search_k=1, recall_sample_rate=1.0), tmp_path / "p", DIMS
+    )
+    items = _items(2000, seed=3)
+    for m in (exact, poor):
+        assert m.sampled_recall() is None
+        for item_id, vector in items.items():
+            m.upsert(item_id, vector)
+        m.rebuild_now()
+        for query in list(items.values())[:20]:
+            m.search(query, 10)
+    assert exact.sampled_recall() == 1.0
+    recall = poor.sampled_recall()
+    assert recall is not None
+    assert recall < 0.9
