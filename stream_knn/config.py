@@ -218,9 +218,12 @@ class Config:
                 section, name = key.split("__", 1)
                 values.setdefault(section, {})[name] = value
             else:
-                if dataclasses.is_dataclass(value) and not isinstance(value, type):
-                    value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-                values.setdefault(key, {}).update(value)
+                table = (
+                    {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+                    if dataclasses.is_dataclass(value) and not isinstance(value, type)
+                    else value
+                )
+                values.setdefault(key, {}).update(table)
         return _build(values, base=self)
 
 
@@ -253,9 +256,7 @@ _SECTIONS: dict[str, type[Any]] = {
 }
 
 
-def load_config(
-    path: str | Path | None = None, environ: Mapping[str, str] | None = None
-) -> Config:
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Read the TOML file at ``path`` (if any), then apply ``STREAM_KNN_*`` overrides."""
     values: dict[str, dict[str, Any]] = {}
     if path is not None:
@@ -335,7 +336,16 @@ def _coerce(setting: str, hint: Any, value: Any) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        if isinstance(value, str) and value.lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        ):
             return value.lower() in ("1", "true", "yes", "on")
         raise ConfigError(f"{setting} = {value!r} is not valid; valid values: true, false")
     if hint is int:
@@ -382,10 +392,13 @@ def _variants(setting: str, value: Any) -> tuple[VariantConfig, ...]:
         unknown = set(item) - known
         if unknown:
             raise ConfigError(
-                f"unknown setting {setting}[{i}].{sorted(unknown)[0]}; valid: {', '.join(sorted(known))}"
+                f"unknown setting {setting}[{i}].{sorted(unknown)[0]}; "
+                f"valid: {', '.join(sorted(known))}"
             )
         variants.append(
-            VariantConfig(**{k: _coerce(f"{setting}[{i}].{k}", hints[k], v) for k, v in item.items()})
+            VariantConfig(
+                **{k: _coerce(f"{setting}[{i}].{k}", hints[k], v) for k, v in item.items()}
+            )
         )
     return tuple(variants)
 
@@ -431,8 +444,15 @@ def _check_ranges(config: Config) -> None:
         "0..1",
     )
     _require(1 <= s.k <= s.max_k, "serving.k", s.k, f"integers 1..serving.max_k ({s.max_k})")
-    _require(0.0 <= s.popularity_weight <= 1.0, "serving.popularity_weight", s.popularity_weight, "0..1")
-    _require(s.emit_interval_seconds >= 0, "serving.emit_interval_seconds", s.emit_interval_seconds, ">= 0")
+    _require(
+        0.0 <= s.popularity_weight <= 1.0, "serving.popularity_weight", s.popularity_weight, "0..1"
+    )
+    _require(
+        s.emit_interval_seconds >= 0,
+        "serving.emit_interval_seconds",
+        s.emit_interval_seconds,
+        ">= 0",
+    )
     _require(s.cache_entries >= 0, "serving.cache_entries", s.cache_entries, ">= 0")
     names = [v.name for v in s.variants]
     _require(len(set(names)) == len(names), "serving.variants", names, "unique names")

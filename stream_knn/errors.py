@@ -1,14 +1,14 @@
 """The exception tree of stream-knn: one root, one line per kind.
 
-    StreamKnnError
-    ├── ConfigError         a setting is missing or invalid; names the setting and valid values
-    ├── BrokerError         the local Kafka broker cannot be set up, started or stopped
-    ├── TopicSpecError      a topic spec in ``topics/`` is invalid
-    ├── EventError          an input record cannot be used (carries topic/partition/offset/key)
-    ├── DataFormatError     an input file for produce/evaluate/tune is unreadable (names the line)
-    ├── IndexError_         an index cannot be built, saved or loaded
-    │   └── CorruptIndexError   a saved index version fails its checksum or is incomplete
-    └── DimensionError      a vector has the wrong dimension or non-finite values
+StreamKnnError
+├── ConfigError         a setting is missing or invalid; names the setting and valid values
+├── BrokerError         the local Kafka broker cannot be set up, started or stopped
+├── TopicSpecError      a topic spec in ``topics/`` is invalid
+├── EventError          an input record cannot be used (carries topic/partition/offset/key)
+├── DataFormatError     an input file for produce/evaluate/tune is unreadable (names the line)
+├── IndexError_         an index cannot be built, saved or loaded
+│   └── CorruptIndexError   a saved index version fails its checksum or is incomplete
+└── DimensionError      a vector has the wrong dimension or non-finite values
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class DataFormatError(StreamKnnError):
     """An input data file cannot be read; the message names the file and line."""
 
 
-class IndexError_(StreamKnnError):  # noqa: N801 - the builtin IndexError is a different thing
+class IndexError_(StreamKnnError):  # noqa: N801, N818 - the builtin IndexError is another thing
     """An index cannot be built, saved or loaded."""
 
 

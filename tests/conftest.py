@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined,unused-ignore]
 
 from stream_knn.broker.local import LocalBroker
 from stream_knn.config import BrokerConfig
@@ -28,6 +29,7 @@ _DOCKER_PING_SECONDS = 2.0
 _ADMIN_TIMEOUT_SECONDS = 30.0
 #: A slow first start (cold JVM, jars to fetch) on a busy 2-core machine.
 _LOCAL_START_TIMEOUT_SECONDS = 180.0
+_WARM_UP_SECONDS = 60.0
 
 
 def _free_port() -> int:
@@ -62,6 +64,30 @@ def _docker_answers() -> bool:
     return b" 200" in status_line
 
 
+def _warm_up(bootstrap: str) -> None:
+    """Have the broker create and load ``__consumer_offsets`` before the first test.
+
+    On a fresh broker the first consumer group waits seconds for its coordinator ("coordinator
+    load in progress"); a long-running broker has it ready, and tests should not see the
+    difference.
+    """
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    group = ConsumerGroupTopicPartitions(f"stream-knn-warm-up-{uuid.uuid4().hex[:8]}")
+    deadline = time.monotonic() + _WARM_UP_SECONDS
+    while True:
+        try:
+            admin.list_consumer_group_offsets([group])[group.group_id].result(timeout=10)
+        except KafkaException as exc:
+            if time.monotonic() > deadline:
+                raise BrokerError(
+                    f"the consumer group coordinator of {bootstrap} is not ready after "
+                    f"{_WARM_UP_SECONDS:.0f} s: {exc}"
+                ) from None
+            time.sleep(0.5)
+        else:
+            return
+
+
 def _no_broker(reason: str) -> None:
     message = f"no Kafka broker for integration tests: {reason}"
     if os.environ.get("CI", "").lower() == "true":
@@ -78,7 +104,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     reasons: list[str] = []
     if _docker_answers():
-        from testcontainers.community.kafka import KafkaContainer  # noqa: PLC0415
+        from testcontainers.community.kafka import KafkaContainer
 
         container: Any = KafkaContainer().with_kraft()
         try:
@@ -87,6 +113,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             reasons.append(f"testcontainers Kafka did not start: {exc}")
         else:
             try:
+                _warm_up(str(container.get_bootstrap_server()))
                 yield str(container.get_bootstrap_server())
             finally:
                 container.stop()
@@ -111,6 +138,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         reasons.append(f"the local broker did not start: {exc}")
     else:
         try:
+            _warm_up(bootstrap)
             yield bootstrap
         finally:
             broker.stop()
@@ -147,9 +175,7 @@ def topic_factory(kafka_bootstrap: str) -> Iterator[Callable[..., str]]:
         prefix: str = "test", partitions: int = 4, config: dict[str, str] | None = None
     ) -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:10]}"
-        topic = NewTopic(
-            name, num_partitions=partitions, replication_factor=1, config=config or {}
-        )
+        topic = NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})
         admin.create_topics([topic], request_timeout=_ADMIN_TIMEOUT_SECONDS)[name].result(
             timeout=_ADMIN_TIMEOUT_SECONDS
         )

@@ -125,9 +125,7 @@ class LocalBroker:
         Receives one human-readable line per step; defaults to this module's logger.
     """
 
-    def __init__(
-        self, config: BrokerConfig, progress: Callable[[str], None] | None = None
-    ) -> None:
+    def __init__(self, config: BrokerConfig, progress: Callable[[str], None] | None = None) -> None:
         self._config = config
         self._data_dir = Path(config.data_dir).absolute()
         self._jars_dir = Path(config.jars_dir).absolute()

@@ -218,15 +218,15 @@ def create_index(backend: str, metric: str, dims: int, params: Mapping[str, Any]
     if dims < 1 or not math.isfinite(dims):
         raise DimensionError(f"index dims must be >= 1, got {dims}")
     if backend == "annoy":
-        from stream_knn.index.annoy_index import AnnoyIndex  # noqa: PLC0415 - backends import base
+        from stream_knn.index.annoy_index import AnnoyIndex
 
         return AnnoyIndex(dims, metric, **params)  # type: ignore[arg-type]
     if backend == "exact":
-        from stream_knn.index.exact import ExactIndex  # noqa: PLC0415 - backends import base
+        from stream_knn.index.exact import ExactIndex
 
         return ExactIndex(dims, metric, **params)  # type: ignore[arg-type]
     if backend == "hnsw":
-        from stream_knn.index.hnsw import HnswIndex  # noqa: PLC0415 - backends import base
+        from stream_knn.index.hnsw import HnswIndex
 
         return HnswIndex(dims, metric, **params)  # type: ignore[arg-type]
     raise ConfigError(f"index.backend = {backend!r} is not valid; valid values: {BACKENDS}")

@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from stream_knn.embeddings.profile import UserProfile
 from stream_knn.serving.cache import QueryCache
 from stream_knn.serving.popularity import Popularity
 
@@ -35,19 +36,6 @@ class VectorSearch(Protocol):
     def similar(self, item_id: str, k: int) -> Neighbours | None: ...
 
     def vector(self, item_id: str) -> npt.NDArray[np.float32] | None: ...
-
-
-class Profile(Protocol):
-    """What the recommender needs of a user profile."""
-
-    @property
-    def version(self) -> int: ...
-
-    def recent_items(self) -> frozenset[str]: ...
-
-    def query_vector(
-        self, vectors: object, now_ms: int, half_life_seconds: float
-    ) -> npt.NDArray[np.float32] | None: ...
 
 
 @dataclass(frozen=True)
@@ -132,7 +120,7 @@ class Recommender:
     def for_user(
         self,
         user_id: str,
-        profile: Profile | None,
+        profile: UserProfile | None,
         k: int,
         now_ms: int,
         exclude: Collection[str] = (),
@@ -164,7 +152,11 @@ class Recommender:
                 result = Recommendation(self.popularity.top(k, seen), version, fallback="popular")
             else:
                 items = apply_weight_function(
-                    found, self.weight_function, self.metric, self.popularity, self.popularity_weight
+                    found,
+                    self.weight_function,
+                    self.metric,
+                    self.popularity,
+                    self.popularity_weight,
                 )[:k]
                 result = Recommendation(items, version)
         if key is not None and self.cache is not None:

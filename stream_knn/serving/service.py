@@ -8,7 +8,6 @@ over a saved index.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -18,20 +17,30 @@ import numpy.typing as npt
 from mode import Service
 
 from stream_knn.config import Config
+from stream_knn.embeddings.profile import UserProfile
 from stream_knn.index.manager import IndexManager
-from stream_knn.metrics.drift import DriftThresholds, InputDriftMonitor, embedding_drift
+from stream_knn.metrics.drift import (
+    DriftThresholds,
+    InputDriftMonitor,
+    embedding_drift,
+    neighbour_drift,
+)
 from stream_knn.metrics.registry import Metrics
 from stream_knn.serving.cache import QueryCache
 from stream_knn.serving.popularity import Popularity
-from stream_knn.serving.recommender import Profile, Recommendation, Recommender
+from stream_knn.serving.recommender import Recommendation, Recommender
 from stream_knn.serving.variants import ResolvedVariant, VariantAssigner
 
-__all__ = ["RecommendationService"]
+__all__ = ["PROBE_ITEMS", "RecommendationService"]
 
 logger = logging.getLogger(__name__)
 
+#: Items whose vectors and neighbours are compared between index versions (drift).
+PROBE_ITEMS = 200
+_PROBE_K = 10
 
-class RecommendationService(Service):  # type: ignore[misc]
+
+class RecommendationService(Service):
     """Index managers, recommenders and the numbers about them, for one worker."""
 
     def __init__(self, config: Config, index_root: Path, metrics: Metrics, **kwargs: Any) -> None:
@@ -66,6 +75,11 @@ class RecommendationService(Service):  # type: ignore[misc]
                 cache=self.cache,
             )
         self._primary = next(iter(self.managers.values()))
+        #: The probe sample: the first items seen, fixed for the life of the process.
+        self._probe_ids: list[str] = []
+        self._probe_before: (
+            tuple[dict[str, npt.NDArray[np.float32]], dict[str, list[str]]] | None
+        ) = None
 
     async def on_start(self) -> None:
         for manager in self.managers.values():
@@ -80,6 +94,8 @@ class RecommendationService(Service):  # type: ignore[misc]
     def upsert(self, item_id: str, vector: npt.NDArray[np.float32]) -> None:
         for manager in self.managers.values():
             manager.upsert(item_id, vector)
+        if len(self._probe_ids) < PROBE_ITEMS and item_id not in self._probe_ids:
+            self._probe_ids.append(item_id)
 
     def delete(self, item_id: str) -> None:
         for manager in self.managers.values():
@@ -98,7 +114,7 @@ class RecommendationService(Service):  # type: ignore[misc]
     def recommend(
         self,
         user_id: str,
-        profile: Profile | None,
+        profile: UserProfile | None,
         k: int,
         now_ms: int,
         exclude: Collection[str] = (),
@@ -131,14 +147,57 @@ class RecommendationService(Service):  # type: ignore[misc]
             new.version,
             new.item_count,
             new.build_seconds,
+            extra={"version": new.version},
         )
+        self._measure_drift(new.version)
+
+    def _measure_drift(self, version: int) -> None:
+        """Embedding and neighbour drift of the probe items against the previous version."""
+        manager = self._primary
+        vectors: dict[str, npt.NDArray[np.float32]] = {}
+        neighbours: dict[str, list[str]] = {}
+        for item_id in self._probe_ids:
+            vector = manager.vector(item_id)
+            if vector is None:
+                continue
+            vectors[item_id] = np.array(vector, dtype=np.float32)
+            found = manager.similar(item_id, _PROBE_K)
+            if found is not None:
+                neighbours[item_id] = [other for other, _ in found]
+        before, self._probe_before = self._probe_before, (vectors, neighbours)
+        if before is None or not vectors or not before[0]:
+            return
+        old_vectors, old_neighbours = before
+        old_ids = list(old_vectors)
+        new_ids = list(vectors)
+        drift = embedding_drift(
+            old_ids,
+            np.stack([old_vectors[i] for i in old_ids]),
+            new_ids,
+            np.stack([vectors[i] for i in new_ids]),
+        )
+        values = dict(drift.values())
+        values["neighbour_drift"] = neighbour_drift(old_neighbours, neighbours)
+        for kind in ("item_cosine_shift", "centroid_shift"):
+            if np.isfinite(values[kind]):
+                self.metrics.embedding_drift.labels(kind).set(values[kind])
+        if np.isfinite(values["neighbour_drift"]):
+            self.metrics.neighbour_drift.set(values["neighbour_drift"])
+        crossed = self.thresholds.crossed({k: v for k, v in values.items() if np.isfinite(v)})
+        if crossed:
+            logger.warning(
+                "drift above threshold at index version %s: %s",
+                version,
+                ", ".join(f"{name}={values[name]:.3f}" for name in crossed),
+                extra={"version": version},
+            )
 
     def refresh_gauges(self) -> None:
         m, primary = self.metrics, self._primary
         if primary.version is not None:
             m.index_version.set(primary.version)
         m.index_items.set(primary.item_count)
-        m.index_age.set(primary.age_seconds if primary.version is not None else 0.0)
+        m.index_age.set(primary.age_seconds or 0.0)
         m.index_pending.set(primary.pending_items)
         recall = primary.sampled_recall()
         if recall is not None:
@@ -146,5 +205,3 @@ class RecommendationService(Service):  # type: ignore[misc]
         m.cache_hit_ratio.set(self.cache.hit_ratio)
         for name, value in self.input_drift.current().items():
             m.input_drift.labels(name).set(value)
-        _ = time.time
-        _ = embedding_drift

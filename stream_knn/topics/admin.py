@@ -14,7 +14,7 @@ from typing import Any, Literal
 from confluent_kafka import KafkaException
 
 # confluent_kafka.admin re-exports these without `as`, which mypy --strict does not accept.
-from confluent_kafka.admin import (  # type: ignore[attr-defined]
+from confluent_kafka.admin import (  # type: ignore[attr-defined,unused-ignore]
     AdminClient,
     AlterConfigOpType,
     ConfigEntry,
@@ -131,9 +131,7 @@ def list_topics(
                 spec=spec,
                 exists=spec.name in partitions,
                 partitions=partitions.get(spec.name),
-                configs={
-                    n: current[n].value for n in spec.topic_configs() if n in current
-                },
+                configs={n: current[n].value for n in spec.topic_configs() if n in current},
                 pending=tuple(changes),
                 problems=tuple(problems),
             )
@@ -207,13 +205,9 @@ def apply_topics(
     ]
     if creates:
         _wait(admin.create_topics(creates, request_timeout=timeout), "create topic", timeout)
-    grows = [
-        NewPartitions(c.topic, int(c.new or 0)) for c in changes if c.kind == "add_partitions"
-    ]
+    grows = [NewPartitions(c.topic, int(c.new or 0)) for c in changes if c.kind == "add_partitions"]
     if grows:
-        _wait(
-            admin.create_partitions(grows, request_timeout=timeout), "add partitions to", timeout
-        )
+        _wait(admin.create_partitions(grows, request_timeout=timeout), "add partitions to", timeout)
     resources = _alterations(changes)
     if resources:
         _wait(

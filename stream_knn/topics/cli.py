@@ -34,9 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     check = actions.add_parser("check", help="validate the specs offline (no broker needed)")
     check.set_defaults(func=_check)
     for action in (apply, listing, check):
-        action.add_argument(
-            "--dir", type=Path, help="spec directory (default: kafka.topics_dir)"
-        )
+        action.add_argument("--dir", type=Path, help="spec directory (default: kafka.topics_dir)")
 
 
 def _directory(args: argparse.Namespace, config: Config) -> Path:

@@ -46,8 +46,15 @@ _FIELDS = {
     "key": "what the record key is",
     "value_schema": "JSON Schema (draft 2020-12) of the record value",
 }
-_REQUIRED = ("name", "partitions", "replication_factor", "cleanup_policy", "retention_ms", "key",
-             "value_schema")
+_REQUIRED = (
+    "name",
+    "partitions",
+    "replication_factor",
+    "cleanup_policy",
+    "retention_ms",
+    "key",
+    "value_schema",
+)
 # Kafka's legal topic names: at most 249 of these characters, and not "." or "..".
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _CONFIG_NAME = re.compile(r"^[a-z][a-z0-9.]*$")

@@ -26,6 +26,7 @@ from typing import Any
 
 import faust
 import orjson
+from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from stream_knn.config import Config
@@ -101,7 +102,12 @@ class WorkerApp:
             loghandlers=[],
         )
         self.app = app
-        raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+        raw: dict[str, Any] = {
+            "key_type": bytes,
+            "value_type": bytes,
+            "key_serializer": "raw",
+            "value_serializer": "raw",
+        }
         self.user_events = app.topic(k.user_events_topic, **raw)
         self.catalog = app.topic(k.item_catalog_topic, **raw)
         self.requests = app.topic(k.requests_topic, **raw)
@@ -126,6 +132,7 @@ class WorkerApp:
         app.agent(self.requests, name="requests")(self._on_requests)
         app.task(self._run_replica)
         app.timer(1.0)(self._refresh_gauges)
+        app.timer(2.0)(self._check_broker)
         app.service(self.service)  # type: ignore[arg-type]
         register_pages(self)
 
@@ -354,12 +361,39 @@ class WorkerApp:
         for variant, (hits, total) in self.online_hits.items():
             if total:
                 self.metrics.online_hit_rate.labels(variant).set(hits / total)
-        await asyncio.sleep(0)
+
+    async def _check_broker(self) -> None:
+        """Keep /health's broker clock and the consumer-lag gauges current."""
+        try:
+            ok = await asyncio.wait_for(self.replica.ping(), timeout=5.0)
+        except TimeoutError:
+            ok = False
+        if ok:
+            self.broker_ok_at = time.time()
+        else:
+            return
+        consumer = self.app.consumer
+        inputs = {
+            self.user_events.get_topic_name(),
+            self.catalog.get_topic_name(),
+            self.requests.get_topic_name(),
+        }
+        assigned = [tp for tp in consumer.assignment() if tp.topic in inputs]
+        ends = await self.replica.end_offsets(
+            [TopicPartition(tp.topic, tp.partition) for tp in assigned]
+        )
+        for tp in assigned:
+            position = await consumer.position(tp)
+            end = ends.get(TopicPartition(tp.topic, tp.partition))
+            if position is not None and end is not None:
+                self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
+                    max(0, end - position)
+                )
 
     # -- status ----------------------------------------------------------------------------
 
     def is_ready(self) -> tuple[bool, str]:
-        recovery = self.app.tables.recovery
+        recovery = self.app.tables.recovery  # type: ignore[attr-defined]
         if not recovery.completed.is_set():
             return False, "table recovery in progress"
         if not self.replica.caught_up:

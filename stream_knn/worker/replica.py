@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from stream_knn.embeddings.catalog import blend
 from stream_knn.embeddings.codec import decode_vector
@@ -41,6 +42,7 @@ class VectorReplica:
         self.content: dict[str, npt.NDArray[np.float32]] = {}
         self.caught_up = False
         self.records = 0
+        self._consumer: AIOKafkaConsumer | None = None
 
     async def run(self) -> None:
         cfg = self.worker.config
@@ -53,6 +55,7 @@ class VectorReplica:
             max_poll_records=5000,
         )
         await consumer.start()
+        self._consumer = consumer
         try:
             partitions = await self._wait_for_partitions(consumer)
             consumer.assign(partitions)
@@ -72,12 +75,33 @@ class VectorReplica:
                     logger.info("item vectors replicated: %d items", len(self.known_items()))
                 self.worker.metrics.items.set(len(self.known_items()))
         finally:
+            self._consumer = None
             await consumer.stop()
+
+    async def ping(self) -> bool:
+        """True when the broker answered a metadata request just now."""
+        consumer = self._consumer
+        if consumer is None:
+            return False
+        try:
+            await consumer._client.fetch_all_metadata()
+        except (OSError, KafkaError) as exc:
+            logger.debug("broker ping failed: %s", exc)
+            return False
+        return True
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """Log-end offsets of ``partitions`` (for the consumer-lag gauge)."""
+        consumer = self._consumer
+        if consumer is None or not partitions:
+            return {}
+        result: dict[TopicPartition, int] = await consumer.end_offsets(partitions)
+        return result
 
     async def _wait_for_partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
         # Faust creates the changelog topics when the app starts; wait until both exist.
         while True:
-            await consumer._client.force_metadata_update()  # noqa: SLF001 - no public refresh
+            await consumer._client.force_metadata_update()
             found: list[TopicPartition] = []
             for topic in (self.behaviour_topic, self.content_topic):
                 parts = consumer.partitions_for_topic(topic)

@@ -94,4 +94,6 @@ def register_pages(worker: WorkerApp) -> None:
                     "build_errors": manager.build_errors,
                 }
             )
-        return web.json({"indexes": managers, "replicated_items": len(worker.replica.known_items())})
+        return web.json(
+            {"indexes": managers, "replicated_items": len(worker.replica.known_items())}
+        )

@@ -69,7 +69,10 @@ class WorkerEnv:
     def create_topics(self) -> None:
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
         futures = admin.create_topics(
-            [NewTopic(name, num_partitions=4, replication_factor=1) for name in self.topics.values()]
+            [
+                NewTopic(name, num_partitions=4, replication_factor=1)
+                for name in self.topics.values()
+            ]
         )
         for future in futures.values():
             future.result(timeout=30)
@@ -162,7 +165,9 @@ class WorkerProcess:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+                raise AssertionError(
+                    f"worker exited with {self.proc.returncode}:\n{self.log_tail()}"
+                )
             try:
                 status, _body = self.env.get("/ready")
                 if status == 200:

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType  # type: ignore[attr-defined]
+from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType  # type: ignore[attr-defined,unused-ignore]
 
 from stream_knn.cli import main
 from stream_knn.errors import TopicSpecError
@@ -76,8 +76,13 @@ def test_apply_creates_then_changes_nothing_then_reconciles(
     }
 
     # A changed retention and an extra config are set; a grown partition count is added.
-    edit(spec_dir, events, retention_ms=3_600_000, partitions=6,
-         configs={"max.message.bytes": 200_000})
+    edit(
+        spec_dir,
+        events,
+        retention_ms=3_600_000,
+        partitions=6,
+        configs={"max.message.bytes": 200_000},
+    )
     changed = apply_topics(kafka_bootstrap, load_specs(spec_dir))
     assert changed == [
         Change(events, "add_partitions", old="4", new="6"),
@@ -118,7 +123,8 @@ def test_cli_apply_and_list(
         f"create {events}",
     ]
     assert main(["topics", "apply", "--dir", str(spec_dir)]) == 0
-    assert capsys.readouterr().out == f"no changes (2 topics match their specs at {kafka_bootstrap})\n"
+    expected = f"no changes (2 topics match their specs at {kafka_bootstrap})\n"
+    assert capsys.readouterr().out == expected
     assert main(["topics", "list", "--dir", str(spec_dir)]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert rows == [

@@ -17,11 +17,29 @@ BAD_RECORDS: list[tuple[bytes, bytes, str]] = [
     (b"u1", b"[1, 2, 3]", "not_object"),
     (b"u1", orjson.dumps({"user_id": "u1", "event_type": "view"}), "missing_field"),
     (b"u1", orjson.dumps({"user_id": "u1", "item_id": ["i7"], "event_type": "view"}), "wrong_type"),
-    (b"u1", orjson.dumps({"user_id": "u1", "item_id": "i1", "event_type": "teleport"}), "unknown_event_type"),
+    (
+        b"u1",
+        orjson.dumps({"user_id": "u1", "item_id": "i1", "event_type": "teleport"}),
+        "unknown_event_type",
+    ),
     (b"u1", orjson.dumps({"user_id": "", "item_id": "i1", "event_type": "view"}), "empty_id"),
-    (b"u1", orjson.dumps({"user_id": "u" * 300, "item_id": "i1", "event_type": "view"}), "id_too_long"),
-    (b"u1", b'{"user_id": "u1", "item_id": "i1", "event_type": "view", "weight": NaN}', "non_finite_number"),
-    (b"u1", b'{"user_id": "u1", "item_id": "i1", "event_type": "view", "pad": "' + b"x" * 70_000 + b'"}', "payload_too_large"),
+    (
+        b"u1",
+        orjson.dumps({"user_id": "u" * 300, "item_id": "i1", "event_type": "view"}),
+        "id_too_long",
+    ),
+    (
+        b"u1",
+        b'{"user_id": "u1", "item_id": "i1", "event_type": "view", "weight": NaN}',
+        "non_finite_number",
+    ),
+    (
+        b"u1",
+        b'{"user_id": "u1", "item_id": "i1", "event_type": "view", "pad": "'
+        + b"x" * 70_000
+        + b'"}',
+        "payload_too_large",
+    ),
 ]
 
 
@@ -61,8 +79,15 @@ def test_one_recommendation_per_valid_event_and_bad_events_to_dlq(worker_env, ru
     for key, body in recs:
         assert key == body["user_id"].encode()
         assert set(body) >= {
-            "user_id", "items", "k", "index_version", "variant", "trigger", "event_id",
-            "event_ts", "emitted_ts",
+            "user_id",
+            "items",
+            "k",
+            "index_version",
+            "variant",
+            "trigger",
+            "event_id",
+            "event_ts",
+            "emitted_ts",
         }
         assert body["trigger"] == "event"
         assert body["variant"] == "control"

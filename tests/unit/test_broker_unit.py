@@ -90,7 +90,9 @@ def test_missing_mvn_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("PATH", str(tools_only(tmp_path, "java")))
     with pytest.raises(BrokerError) as info:
         LocalBroker(config(tmp_path)).ensure_jars()
-    assert str(info.value).startswith("mvn not found: install Apache Maven 3 (apt-get install maven)")
+    assert str(info.value).startswith(
+        "mvn not found: install Apache Maven 3 (apt-get install maven)"
+    )
 
 
 def test_resolved_jars_are_reused_without_maven(
@@ -104,7 +106,7 @@ def test_resolved_jars_are_reused_without_maven(
 def test_changed_pom_resolves_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tools_only(tmp_path)))
     fake_resolved_jars(tmp_path / "jars", digest="0" * 64)
-    with pytest.raises(BrokerError, match="^mvn not found"):
+    with pytest.raises(BrokerError, match=r"^mvn not found"):
         LocalBroker(config(tmp_path)).ensure_jars()
 
 
@@ -148,8 +150,12 @@ def test_no_pid_file_means_stopped(tmp_path: Path) -> None:
 def test_stale_pid_files_are_ignored_and_cleaned(tmp_path: Path) -> None:
     broker = LocalBroker(config(tmp_path))
     broker.pid_path.parent.mkdir(parents=True)
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                              capture_output=True, text=True, check=True)
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     # A dead pid, and a live process that is not our broker (this test): neither is signalled.
     for pid in (int(finished.stdout), os.getpid(), "garbage"):
         broker.pid_path.write_text(f"{pid}\n")
