@@ -1,0 +1,133 @@
+"""A real Prometheus server scrapes a running worker; the exposition passes promtool."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import orjson
+import pytest
+
+from stream_knn.events.synthetic import SyntheticStream
+
+pytestmark = [pytest.mark.integration, pytest.mark.prometheus]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        message = f"{tool} not found: run scripts/install-prometheus.sh"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def _samples(exposition: str, name: str) -> dict[str, float]:
+    out = {}
+    for line in exposition.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            out[series] = float(value)
+    return out
+
+
+def _query(port: int, expr: str) -> list[dict]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        body = orjson.loads(resp.read())
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def _events(stream: SyntheticStream, n: int, skip: int = 0) -> list[tuple[bytes, bytes]]:
+    events = list(stream.events(skip + n))[skip:]
+    return [(e["user_id"].encode(), orjson.dumps(e)) for e in events]
+
+
+def test_prometheus_scrapes_series_that_move(worker_env, run_worker, tmp_path: Path):
+    prometheus = _need("prometheus")
+    promtool = _need("promtool")
+    stream = SyntheticStream(n_users=40, n_items=80, n_clusters=4, seed=11)
+    run_worker()
+    worker_env.produce("user_events", _events(stream, 200))
+    worker_env.produce("user_events", [(b"u1", b"{broken")])
+    assert len(worker_env.consume("recommendations", expected=200)) == 200
+
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n  - job_name: stream-knn\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{worker_env.web_port}']\n"
+    )
+    with open(tmp_path / "prometheus.log", "wb") as log:
+        proc = subprocess.Popen(
+            [
+                prometheus,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        first: list[dict] = []
+        while time.monotonic() < deadline and not first:
+            with contextlib.suppress(OSError):
+                first = _query(port, 'sum(stream_knn_events_total{outcome="ok"})')
+            time.sleep(0.5)
+        assert first, (tmp_path / "prometheus.log").read_text()[-2000:]
+        assert float(first[0]["value"][1]) == 200.0
+        for name in (
+            "stream_knn_dlq_total",
+            "stream_knn_recommendations_total",
+            "stream_knn_end_to_end_latency_seconds_bucket",
+            "stream_knn_processing_latency_seconds_count",
+            "stream_knn_index_items",
+            "stream_knn_cache_hit_ratio",
+            "stream_knn_consumer_lag",
+        ):
+            assert _query(port, name), f"{name} not scraped"
+        assert _query(port, 'stream_knn_dlq_total{reason="not_json"}')[0]["value"][1] == "1"
+
+        # More events: the scraped counters move.
+        worker_env.produce("user_events", _events(stream, 100, skip=200))
+        deadline = time.monotonic() + 60
+        moved = 0.0
+        while time.monotonic() < deadline and moved != 300.0:
+            result = _query(port, 'sum(stream_knn_events_total{outcome="ok"})')
+            moved = float(result[0]["value"][1]) if result else 0.0
+            time.sleep(0.5)
+        assert moved == 300.0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+    status, exposition = worker_env.get("/metrics")
+    assert status == 200
+    check = subprocess.run(
+        [promtool, "check", "metrics"], input=exposition.encode(), capture_output=True, check=False
+    )
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+
+    # Every emitted recommendation observed its end-to-end latency exactly once.
+    count = _samples(exposition, "stream_knn_end_to_end_latency_seconds_count")
+    emitted = _samples(exposition, "stream_knn_recommendations_total")
+    event_emissions = sum(v for k, v in emitted.items() if 'trigger="event"' in k)
+    assert sum(count.values()) == event_emissions == 300.0
