@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined,unused-ignore]
 
 from stream_knn.broker.local import LocalBroker
@@ -69,23 +69,39 @@ def _warm_up(bootstrap: str) -> None:
 
     On a fresh broker the first consumer group waits seconds for its coordinator ("coordinator
     load in progress"); a long-running broker has it ready, and tests should not see the
-    difference.
+    difference. A consumer group that reads back one record forces the load. (Asking the
+    AdminClient for a group's offsets while the coordinator loads crashed librdkafka 2.16
+    with a segmentation fault here, so the warm-up uses a plain consumer.)
     """
+    topic = f"stream-knn-warm-up-{uuid.uuid4().hex[:8]}"
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    group = ConsumerGroupTopicPartitions(f"stream-knn-warm-up-{uuid.uuid4().hex[:8]}")
-    deadline = time.monotonic() + _WARM_UP_SECONDS
-    while True:
-        try:
-            admin.list_consumer_group_offsets([group])[group.group_id].result(timeout=10)
-        except KafkaException as exc:
-            if time.monotonic() > deadline:
-                raise BrokerError(
-                    f"the consumer group coordinator of {bootstrap} is not ready after "
-                    f"{_WARM_UP_SECONDS:.0f} s: {exc}"
-                ) from None
-            time.sleep(0.5)
-        else:
-            return
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
+    producer = Producer({"bootstrap.servers": bootstrap})
+    producer.produce(topic, b"warm-up")
+    if producer.flush(30) != 0:
+        raise BrokerError(f"{bootstrap} did not acknowledge the warm-up record")
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": topic,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    try:
+        consumer.subscribe([topic])
+        deadline = time.monotonic() + _WARM_UP_SECONDS
+        while time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is not None and not message.error():
+                consumer.commit(message, asynchronous=False)
+                return
+        raise BrokerError(
+            f"the consumer group coordinator of {bootstrap} is not ready after "
+            f"{_WARM_UP_SECONDS:.0f} s"
+        )
+    finally:
+        consumer.close()
+        admin.delete_topics([topic])
 
 
 def _no_broker(reason: str) -> None:

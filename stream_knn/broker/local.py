@@ -235,18 +235,27 @@ class LocalBroker:
         self._data_dir.mkdir(parents=True, exist_ok=True)
         with _locked(self._data_dir / _LOCK_FILE):
             pid = self._running_pid(clean=True)
+            started = pid is None
             if pid is not None:
+                bootstrap = self._live_bootstrap()
                 self._say(f"broker already running (pid {pid}), log: {self.log_path}")
+                if bootstrap != self.bootstrap:
+                    # It keeps the ports it was started with; say so rather than wait on ours.
+                    self._say(
+                        f"note: it listens on {bootstrap}, not the configured {self.bootstrap}; "
+                        "stop it first to change ports"
+                    )
             else:
                 jars = self.ensure_jars()
                 self._check_ports_free()
                 properties = self._write_files()
                 self._format_storage(java, jars, properties)
                 pid = self._launch(java, jars, properties)
+                bootstrap = self.bootstrap
                 self._say(f"broker starting (pid {pid}), log: {self.log_path}")
-        self._wait_ready(pid)
-        self._say(f"broker ready at {self.bootstrap}")
-        return self.bootstrap
+        self._wait_ready(pid, bootstrap, started=started)
+        self._say(f"broker ready at {bootstrap}")
+        return bootstrap
 
     def stop(self) -> bool:
         """Stop the broker: SIGTERM, wait, then SIGKILL.
@@ -276,8 +285,9 @@ class LocalBroker:
     def status(self) -> BrokerStatus:
         """Whether the broker of this data directory runs; reads the pid file only."""
         pid = self._running_pid(clean=False)
+        bootstrap = self.bootstrap if pid is None else self._live_bootstrap()
         return BrokerStatus(
-            running=pid is not None, pid=pid, bootstrap=self.bootstrap, log_path=self.log_path
+            running=pid is not None, pid=pid, bootstrap=bootstrap, log_path=self.log_path
         )
 
     # -- internals ---------------------------------------------------------------------
@@ -388,7 +398,14 @@ class LocalBroker:
         self.pid_path.write_text(f"{self._process.pid}\n")
         return self._process.pid
 
-    def _wait_ready(self, pid: int) -> None:
+    def _live_bootstrap(self) -> str:
+        """The address the running broker advertises (from the properties it started with)."""
+        for line in _read(self._properties_path()).splitlines():
+            if line.startswith("advertised.listeners=PLAINTEXT://"):
+                return line.split("://", 1)[1].strip()
+        return self.bootstrap
+
+    def _wait_ready(self, pid: int, bootstrap: str, *, started: bool) -> None:
         timeout = self._config.start_timeout_seconds
         deadline = time.monotonic() + timeout
         while True:
@@ -399,13 +416,17 @@ class LocalBroker:
                     f"the broker (pid {pid}) exited during start-up; log {self.log_path}: "
                     f"{_tail(output, _LOG_TAIL_LINES)}"
                 )
-            if _port_open(self._config.host, self._config.port) and _answers(self.bootstrap):
+            host, _, port = bootstrap.rpartition(":")
+            if _port_open(host, int(port)) and _answers(bootstrap):
                 return
             if time.monotonic() > deadline:
-                self.stop()
+                # Only a broker this call launched is ours to stop; a running one is left be.
+                if started:
+                    self.stop()
                 raise BrokerError(
-                    f"the broker did not answer at {self.bootstrap} within {timeout:.0f} s and "
-                    f"was stopped; see {self.log_path} or raise broker.start_timeout_seconds"
+                    f"the broker did not answer at {bootstrap} within {timeout:.0f} s"
+                    f"{' and was stopped' if started else ''}; see {self.log_path} or raise "
+                    "broker.start_timeout_seconds"
                 )
             time.sleep(_POLL_SECONDS)
 

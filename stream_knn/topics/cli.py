@@ -104,6 +104,10 @@ def _check(args: argparse.Namespace, config: Config) -> int:
         else:
             print(f"OK {path}")
     if not failed:
-        # The whole-set checks: directory present, not empty, names unique.
-        load_specs(directory)
+        # The whole-set checks: the directory exists and holds specs.
+        try:
+            load_specs(directory)
+        except TopicSpecError as exc:
+            print(f"ERROR {exc}")
+            failed += 1
     return 1 if failed else 0

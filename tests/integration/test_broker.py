@@ -54,10 +54,12 @@ def test_broker_lifecycle(broker: LocalBroker, capsys: pytest.CaptureFixture[str
     assert first.pid is not None
     assert "Kafka Server started" in broker.log_path.read_text()
 
-    # A second start, here and from another manager of the same data dir, is a no-op.
+    # A second start, here and from another manager of the same data dir, is a no-op; the
+    # other manager, configured with another port, learns the port the broker really has.
     assert broker.start() == f"127.0.0.1:{port}"
-    other = LocalBroker(BrokerConfig(port=port, data_dir=broker.pid_path.parent))
+    other = LocalBroker(BrokerConfig(port=1, data_dir=broker.pid_path.parent))
     assert other.start() == f"127.0.0.1:{port}"
+    assert other.status().bootstrap == f"127.0.0.1:{port}"
     assert broker.status().pid == first.pid == other.status().pid
 
     data_dir = str(broker.pid_path.parent)

@@ -257,3 +257,12 @@ def test_other_topic_schemas() -> None:
     assert dlq.is_valid({**dead, "raw": "AAE=", "raw_encoding": "base64", "key": None})
     assert not dlq.is_valid({k: v for k, v in dead.items() if k != "reason"})
     assert not dlq.is_valid({**dead, "offset": -1})
+
+
+def test_topics_check_cli_fails_on_a_missing_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["topics", "check", "--dir", str(tmp_path / "absent")]) == 1
+    assert capsys.readouterr().out.startswith(
+        f"ERROR topic spec directory {tmp_path / 'absent'} not found"
+    )

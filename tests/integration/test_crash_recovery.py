@@ -1,0 +1,427 @@
+"""Crash safety of a real ``stream-knn worker`` on a real broker.
+
+The worker is stopped in the middle of a stream (SIGKILL, or SIGTERM for a clean stop),
+restarted on the same data dir (or with its RocksDB directory deleted), and the final
+table state, read from the changelog topics, is compared with a reference computed offline
+with the same cores (:meth:`UserProfile.add`, :meth:`RandomIndexing.update`).
+
+What "at least once" allows, precisely (see :mod:`stream_knn.embeddings.sketch`):
+
+- a user's events live in one partition, so a crash can only re-apply a contiguous run
+  ``e[k..m]`` of that user's events after ``e[1..m]``: the profile must equal the reference
+  profile of ``e[1..m] + e[k..n]`` for some ``k <= m`` (none re-applied: ``e[1..n]`` exactly);
+- an item's vector is order-independent, so a re-applied update only adds its own
+  contribution: ``vector - reference`` must be a non-negative combination of the vectors of
+  the users who touched the item (an event lost would need a negative one), its popularity
+  excess the sum of those coefficients, its count at least the reference count;
+- after a clean stop (SIGTERM) nothing is re-applied: every state equals the reference.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from stream_knn.config import Config, load_config
+from stream_knn.embeddings.profile import UserProfile
+from stream_knn.embeddings.sketch import ItemState, RandomIndexing
+from stream_knn.events.schema import UserEvent, parse_user_event
+from stream_knn.events.synthetic import SyntheticStream
+
+pytestmark = pytest.mark.integration
+
+N_EVENTS = 3000
+#: Events produced per second while the worker runs, is killed and restarts.
+RATE = 600
+#: Recommendations seen before the worker is stopped (well inside the stream).
+STOP_AFTER = 500
+
+
+# -- reference state ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Reference:
+    events: list[UserEvent]
+    profiles: dict[str, UserProfile]
+    items: dict[str, ItemState]
+    by_user: dict[str, list[UserEvent]]
+    by_item: dict[str, list[UserEvent]]
+
+
+def _parse(values: list[bytes], config: Config) -> list[UserEvent]:
+    out = []
+    for offset, value in enumerate(values):
+        parsed = parse_user_event(
+            value,
+            config=config.events,
+            topic="t",
+            partition=0,
+            offset=offset,
+            key=None,
+            broker_ts_ms=0,
+        )
+        assert isinstance(parsed, UserEvent), parsed
+        out.append(parsed)
+    return out
+
+
+def _profile_of(events: list[UserEvent], config: Config) -> UserProfile:
+    profile = UserProfile()
+    for ev in events:
+        assert ev.item_id is not None
+        profile = profile.add(
+            ev.item_id,
+            ev.ts_ms,
+            ev.weight,
+            config.model.profile_max_items,
+            config.model.profile_half_life_seconds,
+        )
+    return profile
+
+
+def _reference(values: list[bytes], config: Config) -> _Reference:
+    events = _parse(values, config)
+    sketch = RandomIndexing(config.model.dims, config.model.seed, config.model.half_life_seconds)
+    by_user: dict[str, list[UserEvent]] = {}
+    by_item: dict[str, list[UserEvent]] = {}
+    items: dict[str, ItemState] = {}
+    for ev in events:
+        assert ev.item_id is not None
+        by_user.setdefault(ev.user_id, []).append(ev)
+        by_item.setdefault(ev.item_id, []).append(ev)
+        items[ev.item_id] = sketch.update(items.get(ev.item_id), ev.user_id, ev.weight, ev.ts_ms)
+    profiles = {user: _profile_of(evs, config) for user, evs in by_user.items()}
+    return _Reference(events, profiles, items, by_user, by_item)
+
+
+# -- reading what the worker left in Kafka --------------------------------------------------
+
+
+def _read_compacted(bootstrap: str, topic: str) -> dict[bytes, bytes]:
+    """Last value per key of ``topic`` (what compaction keeps), tombstones removed."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "unused",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        assert meta.error is None, meta.error
+        ends: dict[int, int] = {}
+        for p in meta.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high > low:
+                ends[p] = high
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        latest: dict[bytes, bytes | None] = {}
+        deadline = time.monotonic() + 30
+        while ends and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, timeout=0.5):
+                if msg.error():
+                    continue
+                latest[msg.key()] = msg.value()
+                if msg.offset() + 1 >= ends.get(msg.partition(), 0):
+                    ends.pop(msg.partition(), None)
+        assert not ends, f"could not read {topic} to its end: partitions {sorted(ends)} left"
+    finally:
+        consumer.close()
+    return {k: v for k, v in latest.items() if v is not None}
+
+
+def _lag(bootstrap: str, group: str, topics: list[str]) -> int:
+    """Messages of ``topics`` not yet committed by consumer group ``group``."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        parts = []
+        for topic in topics:
+            meta = consumer.list_topics(topic, timeout=10).topics[topic]
+            parts.extend(TopicPartition(topic, p) for p in meta.partitions)
+        committed = consumer.committed(parts, timeout=10)
+        lag = 0
+        for tp in committed:
+            _low, high = consumer.get_watermark_offsets(tp, timeout=10)
+            lag += high - max(tp.offset, 0)
+        return lag
+    finally:
+        consumer.close()
+
+
+def _wait_drained(bootstrap: str, app_id: str, user_topic: str, timeout_s: float = 60.0) -> None:
+    topics = [user_topic, f"{app_id}-item-updates"]
+    deadline = time.monotonic() + timeout_s
+    lag = -1
+    while time.monotonic() < deadline:
+        lag = _lag(bootstrap, app_id, topics)
+        if lag == 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"worker did not commit every event within {timeout_s}s: lag {lag}")
+
+
+class _RecCounter:
+    """Counts recommendations by event id, read from the output topic as they arrive."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"count-{topic}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            }
+        )
+        self.consumer.subscribe([topic])
+        self.by_event: dict[str, int] = {}
+
+    def poll(self, seconds: float = 0.3) -> int:
+        for msg in self.consumer.consume(1000, timeout=seconds):
+            if msg.error():
+                continue
+            event_id = orjson.loads(msg.value())["event_id"]
+            self.by_event[event_id] = self.by_event.get(event_id, 0) + 1
+        return len(self.by_event)
+
+    def wait_for(self, n: int, timeout_s: float) -> int:
+        deadline = time.monotonic() + timeout_s
+        while self.poll() < n and time.monotonic() < deadline:
+            pass
+        return len(self.by_event)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class _Feeder(threading.Thread):
+    """Produces the stream at a steady rate in the background (the stream does not stop
+    because the worker died)."""
+
+    def __init__(self, bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(name="feeder", daemon=True)
+        self.bootstrap, self.topic, self.records = bootstrap, topic, records
+        self.errors: list[Any] = []
+
+    def run(self) -> None:
+        producer = Producer(
+            {"bootstrap.servers": self.bootstrap, "partitioner": "murmur2_random", "linger.ms": 5}
+        )
+        chunk = max(1, RATE // 10)
+        for start in range(0, len(self.records), chunk):
+            for key, value in self.records[start : start + chunk]:
+                producer.produce(
+                    self.topic,
+                    key=key,
+                    value=value,
+                    on_delivery=lambda err, _m: self.errors.append(err) if err else None,
+                )
+            producer.poll(0)
+            time.sleep(0.1)
+        if producer.flush(30) != 0:
+            self.errors.append("flush timed out")
+
+
+# -- comparing ---------------------------------------------------------------------------
+
+
+def _actual_state(env: Any, config: Config) -> tuple[dict[str, UserProfile], dict[str, ItemState]]:
+    raw_profiles = _read_compacted(env.bootstrap, f"{env.app_id}-user-profiles-changelog")
+    raw_items = _read_compacted(env.bootstrap, f"{env.app_id}-item-vectors-changelog")
+    profiles = {k.decode(): UserProfile.from_bytes(v) for k, v in raw_profiles.items()}
+    items = {k.decode(): ItemState.from_bytes(v, config.model.dims) for k, v in raw_items.items()}
+    return profiles, items
+
+
+def _same_profile(a: UserProfile, b: UserProfile) -> bool:
+    return (
+        a.version == b.version
+        and [(i, t) for i, t, _ in a.items] == [(i, t) for i, t, _ in b.items]
+        and np.allclose([w for *_, w in a.items], [w for *_, w in b.items], rtol=1e-9, atol=0)
+    )
+
+
+def _explain_profile(
+    user: str, actual: UserProfile, ref: _Reference, config: Config
+) -> tuple[int, int] | None:
+    """The re-applied run ``(k, m)`` (0-based, inclusive) that yields ``actual``, if any;
+    ``(0, -1)`` when nothing was re-applied."""
+    events = ref.by_user[user]
+    extra = actual.version - len(events)
+    if extra == 0:
+        return (0, -1) if _same_profile(actual, ref.profiles[user]) else None
+    if extra < 0:
+        return None
+    for m in range(extra - 1, len(events)):
+        k = m - extra + 1
+        replayed = events[: m + 1] + events[k:]
+        if _same_profile(actual, _profile_of(replayed, config)):
+            return (k, m)
+    return None
+
+
+def _item_excess(
+    item: str, actual: ItemState, ref: _Reference, config: Config
+) -> tuple[np.ndarray[Any, Any], float]:
+    """Coefficients of ``actual - reference`` over the item's users' vectors, and the
+    residual of that fit relative to the reference vector norm."""
+    sketch = RandomIndexing(config.model.dims, config.model.seed, config.model.half_life_seconds)
+    users = sorted({ev.user_id for ev in ref.by_item[item]})
+    basis = np.stack([sketch.user_vector(u) for u in users], axis=1).astype(np.float64)
+    expected = ref.items[item]
+    # Both states are decayed to the same newest time (checked by the caller).
+    diff = actual.vector.astype(np.float64) - expected.vector.astype(np.float64)
+    coef, *_ = np.linalg.lstsq(basis, diff, rcond=None)
+    residual = float(np.linalg.norm(basis @ coef - diff)) / float(np.linalg.norm(expected.vector))
+    return coef, residual
+
+
+def _check_state(
+    profiles: dict[str, UserProfile],
+    items: dict[str, ItemState],
+    ref: _Reference,
+    config: Config,
+    exact: bool,
+) -> tuple[int, int]:
+    """Assert the documented semantics; return (re-applied user events, re-applied updates)."""
+    assert set(profiles) == set(ref.profiles)
+    assert set(items) == set(ref.items)
+    replayed_users = 0
+    for user, actual in profiles.items():
+        expected = ref.profiles[user]
+        if exact:
+            assert _same_profile(actual, expected), (user, actual, expected)
+            continue
+        run = _explain_profile(user, actual, ref, config)
+        assert run is not None, (
+            f"profile of {user} is neither the reference nor the reference with a re-applied "
+            f"run of its events: {actual} vs {expected}"
+        )
+        replayed_users += run[1] - run[0] + 1
+    replayed_updates = 0
+    for item, actual in items.items():
+        expected = ref.items[item]
+        assert actual.last_ts_ms == expected.last_ts_ms, item
+        if exact or actual.count == expected.count:
+            assert actual.count == expected.count, (item, actual.count, expected.count)
+            np.testing.assert_allclose(
+                actual.vector, expected.vector, rtol=1e-4, atol=1e-4, err_msg=item
+            )
+            assert actual.popularity == pytest.approx(expected.popularity, rel=1e-6), item
+            continue
+        assert actual.count > expected.count, (item, actual.count, expected.count)
+        coef, residual = _item_excess(item, actual, ref, config)
+        assert residual < 1e-4, f"{item}: the excess is not made of its own events ({residual})"
+        assert coef.min() > -1e-3, f"{item}: an update is missing (coefficients {coef})"
+        assert actual.popularity - expected.popularity == pytest.approx(coef.sum(), rel=1e-3), item
+        replayed_updates += actual.count - expected.count
+    return replayed_users, replayed_updates
+
+
+# -- the tests ---------------------------------------------------------------------------
+
+
+def _stream() -> list[tuple[bytes, bytes]]:
+    stream = SyntheticStream(n_users=60, n_items=150, n_clusters=6, seed=11)
+    return [(e["user_id"].encode(), orjson.dumps(e)) for e in stream.events(N_EVENTS)]
+
+
+def _faust_dir(env: Any) -> Path:
+    return Path(env.data_dir) / "faust"
+
+
+@pytest.mark.parametrize(
+    ("signal_name", "delete_rocksdb"),
+    [("SIGKILL", False), ("SIGKILL", True), ("SIGTERM", False)],
+    ids=["kill-9", "kill-9-rocksdb-deleted", "sigterm"],
+)
+def test_stop_mid_stream_and_restart_loses_nothing(
+    worker_env: Any, run_worker: Any, signal_name: str, delete_rocksdb: bool
+) -> None:
+    records = _stream()
+    config = load_config(environ=worker_env.env())
+    ref = _reference([v for _, v in records], config)
+    counter = _RecCounter(worker_env.bootstrap, worker_env.topics["recommendations"])
+    try:
+        worker = run_worker()
+        feeder = _Feeder(worker_env.bootstrap, worker_env.topics["user_events"], records)
+        feeder.start()
+        seen = counter.wait_for(STOP_AFTER, timeout_s=60)
+        assert seen >= STOP_AFTER, worker.log_tail()
+        worker.stop(kill=signal_name == "SIGKILL")
+        seen_at_stop = counter.poll(1.0)
+        assert seen_at_stop < N_EVENTS, "the stream ended before the stop; nothing was tested"
+        if delete_rocksdb:
+            assert _faust_dir(worker_env).is_dir()
+            shutil.rmtree(_faust_dir(worker_env))
+        run_worker()
+        feeder.join(60)
+        assert not feeder.is_alive() and not feeder.errors, feeder.errors
+        assert counter.wait_for(N_EVENTS, timeout_s=60) == N_EVENTS
+        _wait_drained(worker_env.bootstrap, worker_env.app_id, worker_env.topics["user_events"])
+        counter.poll(1.0)
+    finally:
+        counter.close()
+    missing = {ev.event_id for ev in ref.events} - set(counter.by_event)
+    assert not missing
+    duplicated_recs = sum(n - 1 for n in counter.by_event.values())
+    if signal_name == "SIGTERM":
+        assert duplicated_recs == 0
+
+    profiles, items = _actual_state(worker_env, config)
+    replayed_users, replayed_updates = _check_state(
+        profiles, items, ref, config, exact=signal_name == "SIGTERM"
+    )
+    print(
+        f"{signal_name} after {seen_at_stop} recommendations: {duplicated_recs} duplicate "
+        f"recommendations, {replayed_users} re-applied user events, {replayed_updates} "
+        "re-applied item updates"
+    )
+
+
+def test_state_served_after_rocksdb_deleted_is_recovered_from_changelog(
+    worker_env: Any, run_worker: Any
+) -> None:
+    records = _stream()[:800]
+    worker = run_worker()
+    worker_env.produce("user_events", records)
+    assert len(worker_env.consume("recommendations", expected=len(records))) == len(records)
+    before_index = _wait_index_settled(worker_env)
+    users = sorted({k.decode() for k, _ in records})[:8]
+    before = {u: worker_env.get(f"/recommendations/{u}?k=10") for u in users}
+    worker.stop()
+
+    shutil.rmtree(_faust_dir(worker_env))
+    run_worker()
+    after_index = _wait_index_settled(worker_env)
+    assert after_index == before_index
+    for user in users:
+        status, body = worker_env.get(f"/recommendations/{user}?k=10")
+        assert status == 200 and before[user][0] == 200
+        assert "cold_start" not in body
+        assert body["items"] == before[user][1]["items"], user
+        assert body["index_version"] == before[user][1]["index_version"]
+
+
+def _wait_index_settled(env: Any, timeout_s: float = 60.0) -> tuple[Any, int, int]:
+    """(version, items, replicated items) once a built version holds every item."""
+    deadline = time.monotonic() + timeout_s
+    body: Any = None
+    while time.monotonic() < deadline:
+        status, body = env.get("/index")
+        if status == 200:
+            idx = body["indexes"][0]
+            if idx["version"] is not None and idx["pending_items"] == 0 and idx["items"]:
+                return idx["version"], idx["items"], body["replicated_items"]
+        time.sleep(0.5)
+    raise AssertionError(f"index did not settle: {body}")
