@@ -5,7 +5,8 @@ environment is read here and nowhere else. Invalid values stop start-up with a
 :class:`~stream_knn.errors.ConfigError` naming the setting and its valid values.
 
 TOML layout: one table per section (``[kafka]``, ``[broker]``, ``[events]``, ``[model]``,
-``[index]``, ``[serving]``, ``[worker]``) and ``[[serving.variants]]`` for A/B variants.
+``[index]``, ``[serving]``, ``[drift]``, ``[worker]``) and ``[[serving.variants]]`` for A/B
+variants.
 
 Environment: every setting is ``STREAM_KNN_<SECTION>__<NAME>`` (e.g.
 ``STREAM_KNN_INDEX__N_TREES=20``); the common ones also have short names, listed in
@@ -31,6 +32,7 @@ __all__ = [
     "ENV_ALIASES",
     "BrokerConfig",
     "Config",
+    "DriftConfig",
     "EventsConfig",
     "IndexConfig",
     "KafkaConfig",
@@ -180,6 +182,27 @@ class ServingConfig:
 
 
 @dataclass(frozen=True)
+class DriftConfig:
+    """Drift monitoring: windows, probe sample and the thresholds that log a warning.
+
+    Threshold defaults and their calibration are documented in
+    :class:`stream_knn.metrics.drift.DriftThresholds`.
+    """
+
+    #: Events per input window; each closed window is compared with the one before.
+    window_events: int = 50_000
+    #: Most popular items kept apart in the item-popularity distribution (the rest pooled).
+    top_items: int = 100
+    #: Items whose vectors and neighbours are compared between index versions.
+    probe_items: int = 200
+    item_cosine_shift: float = 0.2
+    centroid_shift: float = 0.1
+    neighbour_drift: float = 0.5
+    item_popularity: float = 0.1
+    event_type: float = 0.02
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     """The Faust worker process."""
 
@@ -205,6 +228,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
 
     def __post_init__(self) -> None:
@@ -252,6 +276,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "model": ModelConfig,
     "index": IndexConfig,
     "serving": ServingConfig,
+    "drift": DriftConfig,
     "worker": WorkerConfig,
 }
 
@@ -465,6 +490,10 @@ def _check_ranges(config: Config) -> None:
     for port_name, port in (("worker.web_port", w.web_port), ("broker.port", b.port)):
         _require(1 <= port <= 65535, port_name, port, "1..65535")
     _require(w.partitions >= 1, "worker.partitions", w.partitions, "integers >= 1")
+    d = config.drift
+    _require(d.window_events >= 1, "drift.window_events", d.window_events, "integers >= 1")
+    _require(d.top_items >= 1, "drift.top_items", d.top_items, "integers >= 1")
+    _require(d.probe_items >= 1, "drift.probe_items", d.probe_items, "integers >= 1")
     _require(e.max_id_length >= 1, "events.max_id_length", e.max_id_length, ">= 1")
     _require(e.max_payload_bytes >= 64, "events.max_payload_bytes", e.max_payload_bytes, ">= 64")
 

@@ -31,12 +31,10 @@ from stream_knn.serving.popularity import Popularity
 from stream_knn.serving.recommender import Recommendation, Recommender
 from stream_knn.serving.variants import ResolvedVariant, VariantAssigner
 
-__all__ = ["PROBE_ITEMS", "RecommendationService"]
+__all__ = ["RecommendationService"]
 
 logger = logging.getLogger(__name__)
 
-#: Items whose vectors and neighbours are compared between index versions (drift).
-PROBE_ITEMS = 200
 _PROBE_K = 10
 
 
@@ -50,8 +48,17 @@ class RecommendationService(Service):
         self.assigner = VariantAssigner(config.serving, config.index)
         self.popularity = Popularity(config.model.half_life_seconds)
         self.cache: QueryCache[Recommendation] = QueryCache(config.serving.cache_entries)
-        self.thresholds = DriftThresholds()
-        self.input_drift = InputDriftMonitor(thresholds=self.thresholds)
+        d = config.drift
+        self.thresholds = DriftThresholds(
+            item_cosine_shift=d.item_cosine_shift,
+            centroid_shift=d.centroid_shift,
+            neighbour_drift=d.neighbour_drift,
+            item_popularity=d.item_popularity,
+            event_type=d.event_type,
+        )
+        self.input_drift = InputDriftMonitor(
+            window_events=d.window_events, top_items=d.top_items, thresholds=self.thresholds
+        )
         self.managers: dict[tuple[str, str, int, int], IndexManager] = {}
         self.recommenders: dict[str, Recommender] = {}
         for variant in self.assigner.variants:
@@ -94,7 +101,7 @@ class RecommendationService(Service):
     def upsert(self, item_id: str, vector: npt.NDArray[np.float32]) -> None:
         for manager in self.managers.values():
             manager.upsert(item_id, vector)
-        if len(self._probe_ids) < PROBE_ITEMS and item_id not in self._probe_ids:
+        if len(self._probe_ids) < self.config.drift.probe_items and item_id not in self._probe_ids:
             self._probe_ids.append(item_id)
 
     def delete(self, item_id: str) -> None:
