@@ -93,7 +93,7 @@ def _warm_up(bootstrap: str) -> None:
         while time.monotonic() < deadline:
             message = consumer.poll(0.5)
             if message is not None and not message.error():
-                consumer.commit(message, asynchronous=False)
+                consumer.commit(message=message, asynchronous=False)
                 return
         raise BrokerError(
             f"the consumer group coordinator of {bootstrap} is not ready after "
@@ -146,7 +146,9 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             controller_port=controller_port,
             data_dir=tmp_path_factory.mktemp("kafka-broker"),
             start_timeout_seconds=_LOCAL_START_TIMEOUT_SECONDS,
-        )
+        ),
+        # A killed test run (timeout, crash) must not leave a broker behind.
+        stop_with_parent=True,
     )
     try:
         bootstrap = broker.start()

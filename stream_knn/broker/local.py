@@ -123,10 +123,21 @@ class LocalBroker:
         Ports, data and jars directories, heap and start-up timeout.
     progress : callable, optional
         Receives one human-readable line per step; defaults to this module's logger.
+    stop_with_parent : bool
+        The broker gets SIGTERM when the process that started it dies, even by SIGKILL (Linux
+        with util-linux ``setpriv``; elsewhere ignored). For test sessions, so a killed run
+        leaves no broker behind; the CLI's broker outlives the command and leaves this off.
     """
 
-    def __init__(self, config: BrokerConfig, progress: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        progress: Callable[[str], None] | None = None,
+        *,
+        stop_with_parent: bool = False,
+    ) -> None:
         self._config = config
+        self._stop_with_parent = stop_with_parent
         self._data_dir = Path(config.data_dir).absolute()
         self._jars_dir = Path(config.jars_dir).absolute()
         self._say = progress or logger.info
@@ -385,6 +396,13 @@ class LocalBroker:
             "kafka.Kafka",
             str(properties),
         ]
+        setpriv = shutil.which("setpriv") if self._stop_with_parent else None
+        if setpriv is not None:
+            # setpriv sets PR_SET_PDEATHSIG, then execs java: same pid, no preexec_fn in a
+            # threaded parent.
+            command = [setpriv, "--pdeathsig", "TERM", *command]
+        elif self._stop_with_parent:
+            logger.debug("setpriv not found: the broker will outlive this process if it dies")
         with open(self._data_dir / "logs" / "broker.out", "ab") as out:
             # Own session: the broker survives the CLI exiting and ignores its Ctrl-C.
             self._process = subprocess.Popen(

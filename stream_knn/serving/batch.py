@@ -201,9 +201,7 @@ def read_changelog(
         pending = {p: hi for p, (lo, hi) in ends.items() if hi > lo}
         total = sum(hi - lo for lo, hi in ends.values())
         consumer.assign([TopicPartition(topic, p, ends[p][0]) for p in pending])
-        with tqdm(
-            total=total, desc=topic, unit="rec", disable=not progress, leave=False
-        ) as bar:
+        with tqdm(total=total, desc=topic, unit="rec", disable=not progress, leave=False) as bar:
             last_seen = time.monotonic()
             while pending:
                 messages = consumer.consume(num_messages=_BATCH, timeout=_POLL_S)

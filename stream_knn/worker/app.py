@@ -21,12 +21,16 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import faust
 import orjson
 from aiokafka import TopicPartition
+from aiokafka.partitioner import murmur2
 from prometheus_client import CollectorRegistry
 
 from stream_knn.config import Config
@@ -44,6 +48,7 @@ from stream_knn.events.schema import (
     parse_user_event,
 )
 from stream_knn.metrics.registry import Metrics
+from stream_knn.serving.coalesce import EmitGate
 from stream_knn.serving.service import RecommendationService
 from stream_knn.worker.replica import VectorReplica
 from stream_knn.worker.web import register_pages
@@ -53,6 +58,33 @@ __all__ = ["WorkerApp", "create_app"]
 logger = logging.getLogger(__name__)
 
 _LAST_LISTS = 200_000  # users whose last list is kept for the online hit rate
+#: Micro-batch of an agent: Faust's per-event cost is fixed, table writes are coalesced.
+_BATCH_EVENTS = 1000
+_BATCH_SECONDS = 0.005
+
+
+@contextmanager
+def _event_context(stream: Any, event: Any) -> Iterator[None]:
+    """Make ``event`` the current event for table access inside a micro-batch.
+
+    Faust's tables pick the partition store and the changelog partition of a key from the
+    current event, which ``take_events`` batches do not set. The stream's own setter is the
+    one Faust's iterator uses; the previous value is restored at once, synchronously, so
+    the take buffer (which reads the stream's current event) never sees ours.
+    """
+    previous = stream.current_event
+    stream._set_current_event(event)
+    try:
+        yield
+    finally:
+        stream._set_current_event(previous)
+
+
+@lru_cache(maxsize=200_000)
+def item_partition(item_id: str, partitions: int) -> int:
+    """The partition of an item key, as Kafka's (and aiokafka's) default partitioner picks it."""
+    hashed: int = murmur2(item_id.encode())
+    return (hashed & 0x7FFFFFFF) % partitions
 
 
 class WorkerApp:
@@ -74,6 +106,11 @@ class WorkerApp:
         self.service = RecommendationService(config, self.data_dir / "index", self.metrics)
         self.replica = VectorReplica(self)
         self.last_lists: OrderedDict[str, frozenset[str]] = OrderedDict()
+        self.gate: EmitGate[tuple[UserEvent, float]] = EmitGate(
+            config.serving.emit_interval_seconds
+        )
+        #: Newest profile of users with a deferred emission (coalescing).
+        self.latest_profiles: dict[str, UserProfile] = {}
         self.online_hits: dict[str, list[int]] = {}
         self.catalog_features = CatalogFeatures(
             config.model.dims, config.model.pca, config.model.pca_warmup_items, config.model.seed
@@ -133,6 +170,8 @@ class WorkerApp:
         app.task(self._run_replica)
         app.timer(1.0)(self._refresh_gauges)
         app.timer(2.0)(self._check_broker)
+        if config.serving.emit_interval_seconds > 0:
+            app.timer(min(0.1, config.serving.emit_interval_seconds / 2))(self._flush_coalesced)
         app.service(self.service)  # type: ignore[arg-type]
         register_pages(self)
 
@@ -174,10 +213,17 @@ class WorkerApp:
     # -- agents ----------------------------------------------------------------------------
 
     async def _on_user_events(self, stream: Any) -> None:
+        """Micro-batches of user events: profiles written once per user per batch, item
+        updates sent once per item partition per batch, one list per event (or coalesced)."""
+        async for events in stream.take_events(_BATCH_EVENTS, within=_BATCH_SECONDS):
+            await self._user_batch(stream, events)
+
+    async def _user_batch(self, stream: Any, events: list[Any]) -> None:
         cfg = self.config
         metrics = self.metrics
-        async for event in stream.events():
-            started = time.perf_counter()
+        started = time.perf_counter()
+        valid: list[tuple[Any, UserEvent]] = []
+        for event in events:
             message = event.message
             parsed = parse_user_event(
                 event.value,
@@ -191,41 +237,88 @@ class WorkerApp:
             if isinstance(parsed, DlqRecord):
                 metrics.events.labels("invalid", "dlq").inc()
                 await self._send_dlq(parsed)
-                continue
-            await self._apply_user_event(parsed, message.timestamp, started)
+            else:
+                valid.append((event, parsed))
 
-    async def _apply_user_event(self, ev: UserEvent, produced_s: float, started: float) -> None:
-        cfg = self.config
-        user_key = ev.user_id.encode()
-        if ev.event_type == "forget":
-            self.profiles.pop(user_key, None)
-            self.last_lists.pop(ev.user_id, None)
-            self.metrics.events.labels("forget", "ok").inc()
-            return
-        assert ev.item_id is not None
-        raw_profile = self.profiles.get(user_key)
-        profile = UserProfile.from_bytes(raw_profile) if raw_profile else UserProfile()
+        profiles: dict[str, UserProfile | None] = {}
+        last_event: dict[str, Any] = {}
+        item_updates: dict[str, tuple[list[str], list[float], list[int]]] = {}
+        emissions: list[tuple[UserEvent, UserProfile, float]] = []
+        deferred: set[str] = set()
+        now = time.time()
+        for event, ev in valid:
+            user = ev.user_id
+            if user not in profiles:
+                with _event_context(stream, event):
+                    raw = self.profiles.get(user.encode())
+                profiles[user] = UserProfile.from_bytes(raw) if raw else None
+            last_event[user] = event
+            if ev.event_type == "forget":
+                profiles[user] = None
+                self.last_lists.pop(user, None)
+                self.gate.drop(user)
+                metrics.events.labels("forget", "ok").inc()
+                continue
+            assert ev.item_id is not None
+            variant = self.service.assigner.assign(user)
+            self._note_online_hit(user, ev.item_id, variant.name)
+            profile = (profiles[user] or UserProfile()).add(
+                ev.item_id,
+                ev.ts_ms,
+                ev.weight,
+                cfg.model.profile_max_items,
+                cfg.model.profile_half_life_seconds,
+            )
+            profiles[user] = profile
+            self.service.observe(ev)
+            users, weights, times = item_updates.setdefault(ev.item_id, ([], [], []))
+            users.append(user)
+            weights.append(ev.weight)
+            times.append(ev.ts_ms)
+            metrics.events.labels(ev.event_type, "ok").inc()
+            if self.gate.offer(user, (ev, event.message.timestamp), now):
+                emissions.append((ev, profile, event.message.timestamp))
+            else:
+                deferred.add(user)
+
+        # One table write per user per batch, in the partition of that user's events.
+        for user, maybe_profile in profiles.items():
+            with _event_context(stream, last_event[user]):
+                if maybe_profile is None:
+                    self.profiles.pop(user.encode(), None)
+                else:
+                    self.profiles[user.encode()] = maybe_profile.to_bytes()
+            if maybe_profile is not None and user in deferred:
+                self.latest_profiles[user] = maybe_profile
+            else:
+                self.latest_profiles.pop(user, None)
+        await self._send_item_updates(item_updates)
+        for ev, profile, produced_s in emissions:
+            await self._emit(ev, profile, produced_s)
+        if valid:
+            metrics.processing_latency.observe((time.perf_counter() - started) / len(valid))
+
+    async def _send_item_updates(
+        self, updates: dict[str, tuple[list[str], list[float], list[int]]]
+    ) -> None:
+        """Re-key by item: one record per item partition carrying that partition's items."""
+        n = self.config.worker.partitions
+        by_partition: dict[int, dict[str, tuple[list[str], list[float], list[int]]]] = {}
+        for item_id, update in updates.items():
+            by_partition.setdefault(item_partition(item_id, n), {})[item_id] = update
+        for partition, items in by_partition.items():
+            first = next(iter(items))
+            await self.item_updates.send(
+                key=first.encode(), value=orjson.dumps(items), partition=partition
+            )
+
+    async def _emit(self, ev: UserEvent, profile: UserProfile, produced_s: float) -> None:
         variant = self.service.assigner.assign(ev.user_id)
-        self._note_online_hit(ev.user_id, ev.item_id, variant.name)
-        profile = profile.add(
-            ev.item_id,
-            ev.ts_ms,
-            ev.weight,
-            cfg.model.profile_max_items,
-            cfg.model.profile_half_life_seconds,
-        )
-        self.profiles[user_key] = profile.to_bytes()
-        self.service.observe(ev)
-        await self.item_updates.send(
-            key=ev.item_id.encode(),
-            value=orjson.dumps({"u": ev.user_id, "w": ev.weight, "t": ev.ts_ms}),
-        )
-        self.metrics.events.labels(ev.event_type, "ok").inc()
         rec = self.service.recommend(
-            ev.user_id, profile, variant.k, ev.ts_ms, exclude=(ev.item_id,), variant=variant
+            ev.user_id, profile, variant.k, ev.ts_ms, exclude=(ev.item_id or "",), variant=variant
         )
         emitted_ms = int(time.time() * 1000)
-        record = {
+        record: dict[str, Any] = {
             "user_id": ev.user_id,
             "items": [{"item_id": i, "score": round(s, 6)} for i, s in rec.items],
             "k": variant.k,
@@ -241,21 +334,44 @@ class WorkerApp:
         await self.recommendations.send(key=ev.user_id.encode(), value=orjson.dumps(record))
         self._remember_list(ev.user_id, rec.items)
         self.metrics.recommendations.labels(variant.name, "event").inc()
-        self.metrics.processing_latency.observe(time.perf_counter() - started)
         self.metrics.end_to_end_latency.observe(max(0.0, emitted_ms / 1000.0 - produced_s))
 
+    async def _flush_coalesced(self) -> None:
+        """Emit the newest list of every user whose coalescing interval has passed."""
+        for user, (ev, produced_s) in self.gate.due(time.time()):
+            profile = self.latest_profiles.pop(user, None)
+            if profile is not None:
+                await self._emit(ev, profile, produced_s)
+
     async def _on_item_updates(self, stream: Any) -> None:
+        """Apply item updates, one table read and write per item per batch."""
         dims = self.config.model.dims
-        async for event in stream.events():
-            item_key: bytes = event.key
-            update = orjson.loads(event.value)
-            if update.get("d"):
-                self.items.pop(item_key, None)
-                continue
-            raw_state = self.items.get(item_key)
-            state = ItemState.from_bytes(raw_state, dims) if raw_state else None
-            state = self.sketch.update(state, update["u"], float(update["w"]), int(update["t"]))
-            self.items[item_key] = state.to_bytes()
+        async for events in stream.take_events(_BATCH_EVENTS, within=_BATCH_SECONDS):
+            merged: dict[str, tuple[list[str], list[float], list[int]]] = {}
+            deleted: set[str] = set()
+            last_event: dict[str, Any] = {}
+            for event in events:
+                for item_id, update in orjson.loads(event.value).items():
+                    last_event[item_id] = event
+                    if update is None:  # a catalog delete
+                        deleted.add(item_id)
+                        merged.pop(item_id, None)
+                        continue
+                    deleted.discard(item_id)
+                    users, weights, times = merged.setdefault(item_id, ([], [], []))
+                    users.extend(update[0])
+                    weights.extend(update[1])
+                    times.extend(update[2])
+            for item_id in deleted:
+                with _event_context(stream, last_event[item_id]):
+                    self.items.pop(item_id.encode(), None)
+            for item_id, (users, weights, times) in merged.items():
+                key = item_id.encode()
+                with _event_context(stream, last_event[item_id]):
+                    raw = self.items.get(key)
+                    state = ItemState.from_bytes(raw, dims) if raw else None
+                    state = self.sketch.update_many(state, users, weights, times)
+                    self.items[key] = state.to_bytes()
 
     async def _on_catalog(self, stream: Any) -> None:
         dims = self.config.model.dims
@@ -280,7 +396,11 @@ class WorkerApp:
         key = record.item_id.encode()
         if record.deleted:
             self.contents.pop(key, None)
-            await self.item_updates.send(key=key, value=orjson.dumps({"d": True}))
+            await self.item_updates.send(
+                key=key,
+                value=orjson.dumps({record.item_id: None}),
+                partition=item_partition(record.item_id, self.config.worker.partitions),
+            )
             self.service.forget_item(record.item_id)
             self.metrics.catalog.labels("delete").inc()
             return

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,7 +43,8 @@ def broker(tmp_path: Path) -> Iterator[LocalBroker]:
             controller_port=controller_port,
             data_dir=tmp_path / "broker",
             start_timeout_seconds=180.0,
-        )
+        ),
+        stop_with_parent=True,
     )
     yield instance
     instance.stop()
@@ -88,3 +94,34 @@ def test_broker_lifecycle(broker: LocalBroker, capsys: pytest.CaptureFixture[str
 def _is_zombie(pid: int) -> bool:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return stat[stat.rfind(")") + 2] == "Z"
+
+
+_ORPHAN = """
+import os, signal, sys
+from pathlib import Path
+from stream_knn.broker.local import LocalBroker
+from stream_knn.config import BrokerConfig
+config = BrokerConfig(port=int(sys.argv[1]), controller_port=int(sys.argv[2]),
+                      data_dir=Path(sys.argv[3]), start_timeout_seconds=180.0)
+LocalBroker(config, stop_with_parent=True).start()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv")
+def test_broker_stops_when_its_test_process_is_killed(tmp_path: Path) -> None:
+    data_dir = tmp_path / "orphan"
+    killed = subprocess.run(
+        [sys.executable, "-c", _ORPHAN, str(free_port()), str(free_port()), str(data_dir)],
+        check=False,
+        capture_output=True,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    pid = int((data_dir / "broker.pid").read_text())
+    deadline = time.monotonic() + 60
+    while os.path.exists(f"/proc/{pid}") and not _is_zombie(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"broker pid {pid} outlived the process that started it")
+        time.sleep(0.2)
+    assert LocalBroker(BrokerConfig(data_dir=data_dir)).status().running is False

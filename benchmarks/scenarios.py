@@ -1,0 +1,278 @@
+"""The Kafka scenarios of the harness: warm-up, fixed-rate and open-throttle phases, ingest,
+rebuild impact and the worker's own index measured alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from confluent_kafka import Producer
+
+from benchmarks.e2e import (
+    Deployment,
+    EventSource,
+    RecordTap,
+    make_producer,
+    produce_catalog,
+    produce_for,
+    raw_consume_rate,
+    wait_for,
+)
+from benchmarks.indexes import query_rate
+from stream_knn.index.store import IndexStore
+
+__all__ = ["Scale", "Session"]
+
+Say = Callable[[str], None]
+
+
+class Scale:
+    """Sizes and durations of one mode."""
+
+    def __init__(self, full: bool) -> None:
+        self.full = full
+        self.n_items = 100_000 if full else 5_000
+        self.n_users = 50_000 if full else 5_000
+        self.warmup_events = 5_000 if full else 2_000
+        self.rate_seconds = 20.0 if full else 5.0
+        self.skip_seconds = 3.0 if full else 1.0
+        self.open_events = 60_000 if full else 12_000
+        self.ingest_events = 100_000 if full else 20_000
+
+
+def _percentiles(values: np.ndarray[Any, Any]) -> dict[str, float | None]:
+    if values.size == 0:
+        return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "max_ms": None}
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return {
+        "p50_ms": round(float(p50), 1),
+        "p95_ms": round(float(p95), 1),
+        "p99_ms": round(float(p99), 1),
+        "max_ms": round(float(values.max()), 1),
+    }
+
+
+class Session:
+    """One deployment under load: its worker, a producer, and a tap on its output."""
+
+    def __init__(self, dep: Deployment, scale: Scale, say: Say, seed: int = 0) -> None:
+        self.dep = dep
+        self.scale = scale
+        self.say = say
+        self.producer: Producer = make_producer(dep.bootstrap)
+        self.source = EventSource(scale.n_users, scale.n_items, seed)
+        self.tap: RecordTap | None = None
+        self.produced = 0
+
+    def start(self, catalog: np.ndarray[Any, Any]) -> dict[str, Any]:
+        """Start the worker, load the catalog, wait for an index, then a first event batch."""
+        dep, say = self.dep, self.say
+        started = time.monotonic()
+        say(f"[{dep.name}] starting worker (app id {dep.app_id}, log {dep.log_path})")
+        dep.start()
+        ready_s = time.monotonic() - started
+        self.tap = RecordTap(dep.bootstrap, dep.topics["recommendations"])
+        say(f"[{dep.name}] ready in {ready_s:.1f} s; producing {len(catalog):,} catalog vectors")
+        produce_catalog(dep.bootstrap, dep.topics["item_catalog"], catalog)
+        n = len(catalog)
+
+        def indexed() -> bool:
+            state = dep.index_state()
+            return state.get("version") is not None and (state.get("items") or 0) >= 0.9 * n
+
+        if not wait_for(indexed, 600, step=1.0):
+            raise RuntimeError(f"[{dep.name}] no index of the catalog after 600 s: {dep.log_path}")
+        say(f"[{dep.name}] index built: {dep.index_state()}; warm-up events")
+        base = self._events_total()
+        sent, _, _ = produce_for(
+            self.producer, dep.topics["user_events"], self.source, rate=None,
+            count=self.scale.warmup_events,
+        )
+        self.produced += sent
+        wait_for(lambda: self._events_total() - base >= sent, 180, step=0.5)
+        time.sleep(1.0)
+        return {"ready_seconds": round(ready_s, 1),
+                "warmup_seconds": round(time.monotonic() - started, 1)}
+
+    def _events_total(self) -> float:
+        try:
+            return self.dep.events_total()
+        except OSError:
+            return 0.0
+
+    def rate_phase(self, rate: float) -> dict[str, Any]:
+        """Produce at ``rate`` events/s; latency and throughput over the steady part."""
+        assert self.tap is not None
+        dep, tap, scale = self.dep, self.tap, self.scale
+        stats = dep.stats()
+        cpu0, idx0, n0 = stats.cpu_seconds(), dep.index_state(), tap.count()
+        sent, t0, t1 = produce_for(
+            self.producer, dep.topics["user_events"], self.source, rate=rate,
+            seconds=scale.rate_seconds,
+        )
+        self.produced += sent
+        wait_for(lambda: tap.count() - n0 >= sent, 15.0)
+        t_end = time.time()
+        cpu1, idx1 = stats.cpu_seconds(), dep.index_state()
+        times = np.asarray(tap.times[n0:])
+        ets = np.asarray(tap.event_ts[n0:], dtype=np.float64) / 1000.0
+        steady = (ets >= t0 + scale.skip_seconds) & (ets <= t1)
+        latency = (times[steady] - ets[steady]) * 1000.0
+        window = t1 - t0 - scale.skip_seconds
+        in_window = int(((times >= t0 + scale.skip_seconds) & (times <= t1)).sum())
+        result = {
+            "target_rate": rate,
+            "sent": sent,
+            "produced_rate": round(sent / (t1 - t0)),
+            "recommendations": int(times.size),
+            "throughput_per_second": round(in_window / window),
+            **_percentiles(latency),
+            "latency_samples": int(latency.size),
+            "worker_cpu_percent": round(100 * (cpu1 - cpu0) / (t_end - t0), 1),
+            "worker_peak_rss_mib": round(stats.peak_rss_mib(), 1),
+            "index_builds": _builds(idx0, idx1),
+            "last_build_seconds": idx1.get("last_build_seconds"),
+        }
+        self.say(
+            f"[{dep.name}] {rate:,.0f} ev/s: {result['throughput_per_second']:,} recs/s, "
+            f"p50 {result['p50_ms']} p95 {result['p95_ms']} p99 {result['p99_ms']} ms, "
+            f"cpu {result['worker_cpu_percent']}%, builds {result['index_builds']}"
+        )
+        return result
+
+    def open_phase(self) -> dict[str, Any]:
+        """A burst produced as fast as possible; the worker's drain rate of recommendations."""
+        assert self.tap is not None
+        dep, tap, n_events = self.dep, self.tap, self.scale.open_events
+        stats = dep.stats()
+        cpu0, idx0, n0 = stats.cpu_seconds(), dep.index_state(), tap.count()
+        sent, t0, t1 = produce_for(
+            self.producer, dep.topics["user_events"], self.source, rate=None, count=n_events
+        )
+        self.produced += sent
+        wait_for(lambda: tap.count() - n0 >= sent, 30.0 + sent / 500.0, step=0.5)
+        t_end = time.time()
+        cpu1, idx1 = stats.cpu_seconds(), dep.index_state()
+        times = np.asarray(tap.times[n0:])
+        rate = _middle_rate(times)
+        result = {
+            "sent": sent,
+            "produced_rate": round(sent / max(1e-9, t1 - t0)),
+            "recommendations": int(times.size),
+            "throughput_per_second": round(rate) if rate else None,
+            "worker_cpu_percent": round(100 * (cpu1 - cpu0) / (t_end - t0), 1),
+            "worker_peak_rss_mib": round(stats.peak_rss_mib(), 1),
+            "index_builds": _builds(idx0, idx1),
+        }
+        self.say(
+            f"[{dep.name}] open throttle: {sent:,} events produced at "
+            f"{result['produced_rate']:,}/s, worker {result['throughput_per_second']} recs/s"
+        )
+        return result
+
+    def ingest_phase(self) -> dict[str, Any]:
+        """Open throttle, rate from the worker's ``stream_knn_events_total`` counter."""
+        assert self.tap is not None
+        dep, tap, n_events = self.dep, self.tap, self.scale.ingest_events
+        stats = dep.stats()
+        base = self._events_total()
+        n0 = tap.count()
+        samples: list[tuple[float, float]] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                samples.append((time.monotonic(), self._events_total() - base))
+                time.sleep(0.25)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        cpu0 = stats.cpu_seconds()
+        t0 = time.time()
+        sampler.start()
+        sent, _, _ = produce_for(
+            self.producer, dep.topics["user_events"], self.source, rate=None, count=n_events
+        )
+        self.produced += sent
+        wait_for(lambda: bool(samples) and samples[-1][1] >= sent, 60.0 + sent / 1000.0, 0.5)
+        done.set()
+        sampler.join(5)
+        t_end = time.time()
+        cpu1 = stats.cpu_seconds()
+        time.sleep(2.0)  # let the last coalesced emissions arrive
+        counter_rate = _counter_rate(samples, sent)
+        recs = tap.count() - n0
+        result = {
+            "sent": sent,
+            "events_per_second": round(counter_rate) if counter_rate else None,
+            "processed": int(samples[-1][1]) if samples else 0,
+            "recommendations": recs,
+            "recommendations_per_event": round(recs / sent, 3) if sent else None,
+            "worker_cpu_percent": round(100 * (cpu1 - cpu0) / (t_end - t0), 1),
+            "worker_peak_rss_mib": round(stats.peak_rss_mib(), 1),
+            "source": "stream_knn_events_total on /metrics, 10%..90% of the burst",
+        }
+        self.say(
+            f"[{dep.name}] ingest: {result['events_per_second']} events/s, "
+            f"{recs:,} recommendations for {sent:,} events"
+        )
+        return result
+
+    def raw_consume(self) -> dict[str, Any]:
+        result = raw_consume_rate(self.dep.bootstrap, self.dep.topics["user_events"],
+                                  self.produced)
+        self.say(f"[{self.dep.name}] raw consume: {result['records_per_second']} records/s")
+        return result
+
+    def index_bound(self, seconds: float) -> dict[str, Any]:
+        """The worker's latest saved index, loaded here: single-thread queries/s (k=10)."""
+        root = Path(self.dep.env()["STREAM_KNN_DATA_DIR"]) / "index"
+        found = IndexStore(root).latest_valid()
+        if found is None:
+            return {"error": f"no saved index under {root}"}
+        info, index = found
+        rng = np.random.default_rng(1)
+        picks = rng.choice(len(index), size=min(2000, len(index)), replace=False)
+        ids = [index.ids[int(p)] for p in picks]
+        queries = np.stack([index.vector(i) for i in ids])  # type: ignore[misc]
+        excluded = iter(ids * 1000)
+        qps, _ = query_rate(lambda q: index.search(q, 10, exclude=(next(excluded),)),
+                            queries, seconds)
+        self.say(f"[{self.dep.name}] index alone ({info.backend}, {len(index):,} items): "
+                 f"{qps:,.0f} queries/s single thread")
+        return {"backend": info.backend, "items": len(index), "version": info.version,
+                "queries_per_second": round(qps), "params": dict(info.params)}
+
+    def stop(self) -> None:
+        if self.tap is not None:
+            self.tap.stop()
+        self.dep.stop()
+
+
+def _builds(before: dict[str, Any], after: dict[str, Any]) -> int | None:
+    v0, v1 = before.get("version"), after.get("version")
+    if v0 is None or v1 is None:
+        return None
+    return int(v1) - int(v0)
+
+
+def _middle_rate(times: np.ndarray[Any, Any]) -> float | None:
+    """Records/s between the 10th and the 90th percentile record of a drain."""
+    if times.size < 20:
+        return None
+    ordered = np.sort(times)
+    lo, hi = int(0.1 * ordered.size), int(0.9 * ordered.size)
+    span = ordered[hi] - ordered[lo]
+    return (hi - lo) / span if span > 0 else None
+
+
+def _counter_rate(samples: list[tuple[float, float]], total: int) -> float | None:
+    """Counter slope between the samples that crossed 10% and 90% of ``total``."""
+    lo = next((s for s in samples if s[1] >= 0.1 * total), None)
+    hi = next((s for s in samples if s[1] >= 0.9 * total), None)
+    if lo is None or hi is None or hi[0] <= lo[0]:
+        return None
+    return (hi[1] - lo[1]) / (hi[0] - lo[0])
