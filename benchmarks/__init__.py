@@ -1,1 +1,1 @@
-"""The stream-knn benchmark harness: ``python -m benchmarks.run --full|--quick`` (``make bench``)."""
+"""The stream-knn benchmark harness: ``python -m benchmarks.run --full|--quick``."""

@@ -26,7 +26,9 @@ def bench_core(n_events: int, n_users: int, n_items: int) -> dict[str, Any]:
     m = config.model
     sketch = RandomIndexing(m.dims, m.seed, m.half_life_seconds)
     stream = SyntheticStream(n_users=n_users, n_items=n_items, n_clusters=50, seed=7)
-    events = [(e["user_id"], e["item_id"], e["event_type"], e["ts"]) for e in stream.events(n_events)]
+    events = [
+        (e["user_id"], e["item_id"], e["event_type"], e["ts"]) for e in stream.events(n_events)
+    ]
     weights = {t: config.events.weight_of(t) for t in ("view", "click", "add_to_cart", "purchase")}
     profiles: dict[str, bytes] = {}
     items: dict[str, bytes] = {}

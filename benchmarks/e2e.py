@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import orjson
 from confluent_kafka import Consumer, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from stream_knn.events.producer import TokenBucket, producer_config
 from stream_knn.events.synthetic import SyntheticStream
@@ -86,7 +86,7 @@ class RecordTap:
                 now = time.time()
                 if msg.error():
                     continue
-                record = orjson.loads(msg.value())
+                record = orjson.loads(msg.value() or b"null")
                 self.event_ts.append(int(record.get("event_ts") or 0))
                 self.triggers.append(str(record.get("trigger")))
                 self.times.append(now)
@@ -156,7 +156,10 @@ class Deployment:
         command += ["-m", "stream_knn.cli", "worker"]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                command, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+                command,
+                env=self.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout_s
@@ -243,8 +246,9 @@ def produce_catalog(bootstrap: str, topic: str, vectors: np.ndarray[Any, Any]) -
     for k, vector in enumerate(rounded):
         while True:
             try:
-                producer.produce(topic, orjson.dumps({"item_id": f"i{k}", "vector": vector}),
-                                 f"i{k}".encode())
+                producer.produce(
+                    topic, orjson.dumps({"item_id": f"i{k}", "vector": vector}), f"i{k}".encode()
+                )
                 break
             except BufferError:
                 producer.poll(0.05)
@@ -254,8 +258,13 @@ def produce_catalog(bootstrap: str, topic: str, vectors: np.ndarray[Any, Any]) -
 
 
 def produce_for(
-    producer: Producer, topic: str, source: EventSource, *, rate: float | None,
-    seconds: float | None = None, count: int | None = None,
+    producer: Producer,
+    topic: str,
+    source: EventSource,
+    *,
+    rate: float | None,
+    seconds: float | None = None,
+    count: int | None = None,
 ) -> tuple[int, float, float]:
     """Produce at ``rate`` (None = open throttle) for ``seconds`` or ``count`` events.
 
@@ -314,7 +323,7 @@ def raw_consume_rate(bootstrap: str, topic: str, expected: int) -> dict[str, Any
                 continue
             if first is None:
                 first = time.perf_counter()
-            orjson.loads(msg.value())
+            orjson.loads(msg.value() or b"null")
             count += 1
     seconds = time.perf_counter() - (first or time.perf_counter())
     consumer.close()

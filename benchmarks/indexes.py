@@ -16,7 +16,7 @@ from stream_knn.index.annoy_index import AnnoyIndex
 from stream_knn.index.base import Index
 from stream_knn.index.exact import ExactIndex, exact_scores
 
-__all__ = ["clustered", "ground_truth", "query_rate", "bench_indexes"]
+__all__ = ["bench_indexes", "clustered", "ground_truth", "query_rate"]
 
 Matrix = npt.NDArray[np.float32]
 K = 10
@@ -117,29 +117,43 @@ def bench_indexes(
     exact_queries = queries[: max(20, min(n_queries, int(2e8 / n)))]
     qps, answers = query_rate(lambda q: exact.search(q, K), exact_queries, seconds)
     rows.append(
-        {"backend": "exact", "params": "", "build_seconds": round(build_s, 3),
-         "recall_at_10": round(_recall(answers, truth), 4), "queries_per_second": round(qps)}
+        {
+            "backend": "exact",
+            "params": "",
+            "build_seconds": round(build_s, 3),
+            "recall_at_10": round(_recall(answers, truth), 4),
+            "queries_per_second": round(qps),
+        }
     )
     say(f"  exact: {qps:,.0f} q/s")
-    del exact
 
     for n_trees in trees:
         annoy = AnnoyIndex(dims, "angular", n_trees=n_trees)
         build_s = _build(annoy, ids, items)
         file_bytes = _annoy_file_bytes(annoy)
+
+        def annoy_search(q: Matrix, a: AnnoyIndex = annoy) -> Sequence[tuple[str, float]]:
+            return a.search(q, K)
+
         for search_k in search_ks:
             annoy.search_k = search_k
-            qps, answers = query_rate(lambda q, a=annoy: a.search(q, K), queries, seconds)
+            qps, answers = query_rate(annoy_search, queries, seconds)
             label = "default" if search_k == -1 else str(search_k)
             recall = _recall(answers, truth)
             rows.append(
-                {"backend": "annoy", "params": f"n_trees={n_trees} search_k={label}",
-                 "build_seconds": round(build_s, 3), "recall_at_10": round(recall, 4),
-                 "queries_per_second": round(qps),
-                 "file_bytes_per_item": round(file_bytes / n, 1)}
+                {
+                    "backend": "annoy",
+                    "params": f"n_trees={n_trees} search_k={label}",
+                    "build_seconds": round(build_s, 3),
+                    "recall_at_10": round(recall, 4),
+                    "queries_per_second": round(qps),
+                    "file_bytes_per_item": round(file_bytes / n, 1),
+                }
             )
-            say(f"  annoy n_trees={n_trees} search_k={label}: build {build_s:.2f} s, "
-                f"recall {recall:.3f}, {qps:,.0f} q/s")
+            say(
+                f"  annoy n_trees={n_trees} search_k={label}: build {build_s:.2f} s, "
+                f"recall {recall:.3f}, {qps:,.0f} q/s"
+            )
         del annoy
 
     hnsw_row: dict[str, Any] = {"backend": "hnsw", "params": "m=16 ef_c=200 ef=64"}
@@ -157,8 +171,11 @@ def bench_indexes(
         qps, answers = query_rate(lambda q: hnsw.search(q, K), queries, seconds)
         recall = _recall(answers, truth)
         hnsw_row.update(
-            {"build_seconds": round(build_s, 3), "recall_at_10": round(recall, 4),
-             "queries_per_second": round(qps)}
+            {
+                "build_seconds": round(build_s, 3),
+                "recall_at_10": round(recall, 4),
+                "queries_per_second": round(qps),
+            }
         )
         say(f"  hnsw: build {build_s:.2f} s, recall {recall:.3f}, {qps:,.0f} q/s")
     rows.append(hnsw_row)

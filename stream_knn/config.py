@@ -400,7 +400,7 @@ def _variants(setting: str, value: Any) -> tuple[VariantConfig, ...]:
         import orjson
 
         try:
-            value = orjson.loads(value)
+            value = orjson.loads(str(value))  # orjson refuses str subclasses
         except orjson.JSONDecodeError:
             raise ConfigError(f"{setting} must be a JSON array of variant tables") from None
     if not isinstance(value, (list, tuple)) or not value:

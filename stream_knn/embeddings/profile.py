@@ -154,13 +154,17 @@ class UserProfile:
         Returns
         -------
         tuple
-            ``(ids, weight_i * 2 ** (-max(0, now - ts_i) / half_life))``, in profile order.
+            ``(ids, weight_i * 2 ** (-max(0, ref - ts_i) / half_life))``, in profile order,
+            with ``ref = min(now, newest ts)``: decaying to the newest interaction rather
+            than to ``now`` keeps the relative weights (and so the ranking) the same while
+            an old history does not underflow to a zero vector.
         """
         n = len(self.items)
         ids = [item for item, _, _ in self.items]
         ts = np.fromiter((t for _, t, _ in self.items), dtype=np.float64, count=n)
         weights = np.fromiter((w for _, _, w in self.items), dtype=np.float64, count=n)
-        elapsed = np.maximum(0.0, now_ms - ts)
+        reference = min(float(now_ms), float(ts.max())) if n else float(now_ms)
+        elapsed = np.maximum(0.0, reference - ts)
         return ids, weights * np.exp2(-elapsed / (half_life_seconds * 1000.0))
 
     def to_bytes(self) -> bytes:

@@ -254,9 +254,7 @@ def build_methods(
         elif name == "item_knn":
             try:
                 methods.append(
-                    ItemKnnBaseline(
-                        n_items, config.model.profile_max_items, baseline_memory_mb
-                    )
+                    ItemKnnBaseline(n_items, config.model.profile_max_items, baseline_memory_mb)
                 )
             except ConfigError as exc:
                 skipped[name] = str(exc)
@@ -318,9 +316,7 @@ def evaluate_events(
         raise ConfigError(f"k = {k} is not valid; need >= 1")
     weights = [event_weight(e, config.events) for e in events]
     n_items = len({e.item_id for e in events})
-    methods, skipped = build_methods(
-        config, n_items, names, baseline_memory_mb=baseline_memory_mb
-    )
+    methods, skipped = build_methods(config, n_items, names, baseline_memory_mb=baseline_memory_mb)
     outcome = replay(events, methods, k=k, weights=weights, progress=progress, desc="evaluate")
     catalog = outcome.catalog_sizes[0] if outcome.catalog_sizes else 0
     results = {m.name: outcome.stats[m.name][0].result(k, catalog) for m in methods}

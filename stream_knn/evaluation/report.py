@@ -262,8 +262,14 @@ def _plot_hr_vs_k(result: TuneResult, path: Path) -> None:
     ax.plot(ks, at_k, marker="o", label="HR@k (whole served list)")
     ax.plot(ks, at_cut, marker="s", label=f"HR@min(k, {EVAL_CUTOFF}) (objective)")
     ax.scatter(
-        [result.best_k], [best.objective(result.best_k)], s=160, facecolors="none",
-        edgecolors="red", linewidths=2, zorder=5, label=f"chosen k = {result.best_k}",
+        [result.best_k],
+        [best.objective(result.best_k)],
+        s=160,
+        facecolors="none",
+        edgecolors="red",
+        linewidths=2,
+        zorder=5,
+        label=f"chosen k = {result.best_k}",
     )
     ax.set_xlabel("k (served list length)")
     ax.set_ylabel("hit rate, mean over windows")
@@ -290,8 +296,14 @@ def _plot_index(result: TuneResult, path: Path) -> None:
     if chosen is not None:
         for ax, y in ((top, chosen.recall), (bottom, chosen.latency_us)):
             ax.scatter(
-                [chosen.effective_search_k], [y], s=180, facecolors="none", edgecolors="red",
-                linewidths=2, zorder=5, label="chosen",
+                [chosen.effective_search_k],
+                [y],
+                s=180,
+                facecolors="none",
+                edgecolors="red",
+                linewidths=2,
+                zorder=5,
+                label="chosen",
             )
     top.axhline(RECALL_TARGET, color="grey", linestyle="--", linewidth=1)
     top.set_ylabel(f"recall@{EVAL_CUTOFF} vs exact")

@@ -81,9 +81,10 @@ class SearchSpace:
     def points(self) -> list[dict[str, float | int]]:
         """Every combination of the model settings, base values first."""
         names = list(self.model)
-        return [dict(zip(names, combo, strict=True)) for combo in itertools.product(
-            *(self.model[n] for n in names)
-        )]
+        return [
+            dict(zip(names, combo, strict=True))
+            for combo in itertools.product(*(self.model[n] for n in names))
+        ]
 
 
 def default_space(config: Config, events: Sequence[EventLike]) -> SearchSpace:
@@ -274,9 +275,7 @@ def tune(
         trial = Trial(
             number=number,
             params=params,
-            hr_cutoff={
-                k: [s.result(min(k, EVAL_CUTOFF), 1).hr for s in stats] for k in space.ks
-            },
+            hr_cutoff={k: [s.result(min(k, EVAL_CUTOFF), 1).hr for s in stats] for k in space.ks},
             hr_at_k={k: [s.result(k, 1).hr for s in stats] for k in space.ks},
             n_scored=[s.n_scored for s in stats],
             seconds=time.perf_counter() - t0,

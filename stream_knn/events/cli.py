@@ -32,18 +32,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--synthetic", action="store_true", help="a generated stream with planted clusters"
     )
     source.add_argument("--file", metavar="PATH", help="an event file (u.data, ratings.csv, ...)")
-    produce.add_argument(
-        "--format", choices=FORMATS, help="format of --file (default: detected)"
-    )
+    produce.add_argument("--format", choices=FORMATS, help="format of --file (default: detected)")
     produce.add_argument("--rate", type=_positive_float, metavar="N", help="events per second")
     produce.add_argument(
-        "--limit", type=_non_negative_int, metavar="N",
+        "--limit",
+        type=_non_negative_int,
+        metavar="N",
         help="send at most N events (synthetic default: until Ctrl-C)",
     )
     produce.add_argument("--topic", metavar="T", help="default: kafka.user_events_topic")
     synthetic = produce.add_argument_group("synthetic stream")
     synthetic.add_argument(
-        "--shift-at", type=_non_negative_int, metavar="N",
+        "--shift-at",
+        type=_non_negative_int,
+        metavar="N",
         help="every user's tastes change after event N",
     )
     synthetic.add_argument("--users", type=int, default=1000, metavar="N")
@@ -58,9 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description="Print each record as 'key<TAB>compact JSON value', one per line.",
     )
     tail.add_argument("topic", nargs="?", metavar="TOPIC", help="default: recommendations topic")
-    tail.add_argument(
-        "--from-beginning", action="store_true", help="start at the earliest offset"
-    )
+    tail.add_argument("--from-beginning", action="store_true", help="start at the earliest offset")
     tail.add_argument("--limit", type=_non_negative_int, metavar="N", help="stop after N records")
     tail.add_argument(
         "--timeout", type=_positive_float, metavar="S", help="stop after S seconds without records"

@@ -219,8 +219,7 @@ def _read_movielens(path: Path) -> Iterator[RawEvent]:
         fields = text.split()
         if len(fields) != 4:
             raise DataFormatError(
-                f"{path}:{line}: expected 4 fields 'user item rating timestamp', "
-                f"got {len(fields)}"
+                f"{path}:{line}: expected 4 fields 'user item rating timestamp', got {len(fields)}"
             )
         yield RawEvent(
             fields[0],

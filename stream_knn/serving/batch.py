@@ -33,14 +33,13 @@ from tqdm import tqdm
 
 from stream_knn.config import Config
 from stream_knn.embeddings.profile import UserProfile
-from stream_knn.embeddings.sketch import ItemState
 from stream_knn.errors import BrokerError, DataFormatError, DimensionError
 from stream_knn.metrics.registry import Metrics
 from stream_knn.serving.service import RecommendationService
 from stream_knn.worker.replica import VectorReplica
 
 if TYPE_CHECKING:
-    from stream_knn.worker.app import WorkerApp
+    pass
 
 __all__ = [
     "BatchRecommender",
@@ -341,15 +340,6 @@ def answer_for_user(
     return body
 
 
-@dataclass
-class _ReplicaHost:
-    """What :class:`VectorReplica` uses of a worker: its configuration and service."""
-
-    config: Config
-    service: RecommendationService
-    metrics: Metrics
-
-
 class BatchRecommender:
     """A :class:`RecommendationService` fed from changelog values, outside any worker.
 
@@ -369,9 +359,8 @@ class BatchRecommender:
         self.config = config
         root = index_root if index_root is not None else Path(config.worker.data_dir) / "index"
         self.service = RecommendationService(config, root, Metrics(CollectorRegistry()))
-        host = _ReplicaHost(config, self.service, self.service.metrics)
-        # The worker's replica does the decoding and blending; it only uses these fields.
-        self._replica = VectorReplica(cast("WorkerApp", host))
+        # The worker's replica does the decoding, blending and popularity.
+        self._replica = VectorReplica(config, self.service)
         self._started = False
 
     @property
@@ -387,21 +376,15 @@ class BatchRecommender:
     def load_items(self, behaviour: Mapping[bytes, bytes], content: Mapping[bytes, bytes]) -> int:
         """Feed the current changelog values (key item id) and return the items served.
 
-        Also seeds recent popularity (the cold-start fallback) from each item's decayed
-        event weight, which is what the worker's popularity counts.
+        Recent popularity (the cold-start fallback) comes from each item's decayed event
+        weight in the same records, as in the worker.
         """
         if self._started:
             raise RuntimeError("load_items() must come before start()")
-        dims = self.config.model.dims
         for key, value in behaviour.items():
-            self._replica._apply(self.behaviour_topic, key, value)
-            try:
-                state = ItemState.from_bytes(value, dims)
-            except DimensionError:
-                continue  # the replica has logged it
-            self.service.popularity.observe(key.decode(), state.popularity, state.last_ts_ms)
+            self._replica.apply(self.behaviour_topic, key, value)
         for key, value in content.items():
-            self._replica._apply(self.content_topic, key, value)
+            self._replica.apply(self.content_topic, key, value)
         return self.service.primary.item_count
 
     def start(self) -> None:

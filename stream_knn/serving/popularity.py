@@ -38,6 +38,18 @@ class Popularity:
         if len(self._counts) > self._max_items:
             self._evict()
 
+    def set(self, item_id: str, count: float, ts_ms: int) -> None:
+        """Replace an item's count with ``count`` as of ``ts_ms`` (e.g. from item state)."""
+        if self._ref_ms is None:
+            self._ref_ms = ts_ms
+        exponent = self._rate * (ts_ms - self._ref_ms)
+        if exponent > 50.0:
+            self._rebase(ts_ms)
+            exponent = 0.0
+        self._counts[item_id] = count * math.exp(exponent)
+        if len(self._counts) > self._max_items:
+            self._evict()
+
     def remove(self, item_id: str) -> None:
         self._counts.pop(item_id, None)
 

@@ -113,6 +113,11 @@ class RecommendationService(Service):
         self.popularity.remove(item_id)
 
     def observe(self, event: Any) -> None:
+        """Count a user event for popularity and input drift.
+
+        Popularity counts the event at once; the item changelog (applied by the vector
+        replica) then replaces the item's count with the authoritative, global one.
+        """
         self.popularity.observe(event.item_id, event.weight, event.ts_ms)
         self.input_drift.observe(event.item_id, event.event_type)
 

@@ -7,6 +7,7 @@ remove partitions, so a spec with fewer partitions than its topic is an error, n
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 ChangeKind = Literal["create", "add_partitions", "set_config", "delete_config"]
 _TIMEOUT_SECONDS = 30.0
+_VISIBLE_POLL_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
@@ -217,7 +219,30 @@ def apply_topics(
         )
     for change in changes:
         logger.debug("topic change: %s", change)
+    _await_visible(bootstrap, specs, timeout)
     return changes
+
+
+def _await_visible(bootstrap: str, specs: Sequence[TopicSpec], timeout: float) -> None:
+    """Return once the broker reports the applied state.
+
+    The controller accepts a change before every broker's metadata shows it; without this
+    wait an immediate second apply (or the worker starting) could see the old partition
+    count and act on it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        pending = [c for s in list_topics(bootstrap, specs, timeout=timeout) for c in s.pending]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            logger.warning(
+                "applied topic changes not yet visible after %.0f s: %s",
+                timeout,
+                "; ".join(str(c) for c in pending),
+            )
+            return
+        time.sleep(_VISIBLE_POLL_SECONDS)
 
 
 def _admin(bootstrap: str) -> AdminClient:

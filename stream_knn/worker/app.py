@@ -49,6 +49,7 @@ from stream_knn.events.schema import (
 )
 from stream_knn.metrics.registry import Metrics
 from stream_knn.serving.coalesce import EmitGate
+from stream_knn.serving.recommender import Recommendation
 from stream_knn.serving.service import RecommendationService
 from stream_knn.worker.replica import VectorReplica
 from stream_knn.worker.web import register_pages
@@ -104,7 +105,7 @@ class WorkerApp:
             config.model.dims, config.model.seed, config.model.half_life_seconds
         )
         self.service = RecommendationService(config, self.data_dir / "index", self.metrics)
-        self.replica = VectorReplica(self)
+        self.replica = VectorReplica(config, self.service)
         self.last_lists: OrderedDict[str, frozenset[str]] = OrderedDict()
         self.gate: EmitGate[tuple[UserEvent, float]] = EmitGate(
             config.serving.emit_interval_seconds
@@ -453,10 +454,12 @@ class WorkerApp:
             variant = self.service.assigner.variants[0]
             kk = k or variant.k
             found = self.service.similar(item_id, kk, variant=variant)
-            if found is None:
-                return {"item_id": item_id, "error": "unknown item", "items": [], "k": kk}
-            rec = found
             body = {"item_id": item_id, "variant": variant.name}
+            if found is None:
+                body["error"] = f"unknown item {item_id!r}"
+                rec = Recommendation([], self.service.primary.version)
+            else:
+                rec = found
         body.update(
             {
                 "items": [{"item_id": i, "score": round(s, 6)} for i, s in rec.items],
@@ -468,7 +471,8 @@ class WorkerApp:
         )
         if rec.fallback:
             body["fallback"] = rec.fallback
-        self.metrics.recommendations.labels(variant.name, trigger).inc()
+        if "error" not in body:
+            self.metrics.recommendations.labels(variant.name, trigger).inc()
         return body
 
     # -- background ------------------------------------------------------------------------

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from stream_knn.config import Config
 from stream_knn.embeddings.catalog import blend
 from stream_knn.embeddings.codec import decode_vector
 from stream_knn.embeddings.sketch import ItemState
 from stream_knn.errors import DimensionError
-
-if TYPE_CHECKING:
-    from stream_knn.worker.app import WorkerApp
+from stream_knn.serving.service import RecommendationService
 
 __all__ = ["VectorReplica"]
 
@@ -33,9 +31,10 @@ logger = logging.getLogger(__name__)
 class VectorReplica:
     """Tails ``<app>-item-vectors-changelog`` and ``<app>-item-contents-changelog``."""
 
-    def __init__(self, worker: WorkerApp) -> None:
-        self.worker = worker
-        app_id = worker.config.worker.app_id
+    def __init__(self, config: Config, service: RecommendationService) -> None:
+        self.config = config
+        self.service = service
+        app_id = config.worker.app_id
         self.behaviour_topic = f"{app_id}-item-vectors-changelog"
         self.content_topic = f"{app_id}-item-contents-changelog"
         self.behaviour: dict[str, npt.NDArray[np.float32]] = {}
@@ -45,7 +44,7 @@ class VectorReplica:
         self._consumer: AIOKafkaConsumer | None = None
 
     async def run(self) -> None:
-        cfg = self.worker.config
+        cfg = self.config
         consumer = AIOKafkaConsumer(
             bootstrap_servers=cfg.kafka.bootstrap_servers,
             group_id=None,
@@ -67,13 +66,13 @@ class VectorReplica:
                 batches = await consumer.getmany(timeout_ms=200)
                 for tp, messages in batches.items():
                     for msg in messages:
-                        self._apply(tp.topic, msg.key, msg.value)
+                        self.apply(tp.topic, msg.key, msg.value)
                     if tp in pending and messages and messages[-1].offset + 1 >= end[tp]:
                         pending.discard(tp)
                 if not self.caught_up and not pending:
                     self.caught_up = True
                     logger.info("item vectors replicated: %d items", len(self.known_items()))
-                self.worker.metrics.items.set(len(self.known_items()))
+                self.service.metrics.items.set(len(self.known_items()))
         finally:
             self._consumer = None
             await consumer.stop()
@@ -115,19 +114,29 @@ class VectorReplica:
     def known_items(self) -> set[str]:
         return self.behaviour.keys() | self.content.keys()
 
-    def _apply(self, topic: str, key: bytes | None, value: bytes | None) -> None:
+    def apply(self, topic: str, key: bytes | None, value: bytes | None) -> None:
+        """Apply one changelog record (``value`` None is a tombstone) to the service.
+
+        Behaviour records also carry the item's decayed event weight, which becomes its
+        recent popularity: the same on every worker and after a restart.
+        """
         if key is None:
             return
         item_id = key.decode()
-        dims = self.worker.config.model.dims
-        store = self.behaviour if topic == self.behaviour_topic else self.content
+        dims = self.config.model.dims
+        behaviour = topic == self.behaviour_topic
+        store = self.behaviour if behaviour else self.content
         self.records += 1
         if value is None:
             store.pop(item_id, None)
+            if behaviour:
+                self.service.popularity.remove(item_id)
         else:
             try:
-                if topic == self.behaviour_topic:
-                    store[item_id] = ItemState.from_bytes(value, dims).vector
+                if behaviour:
+                    state = ItemState.from_bytes(value, dims)
+                    store[item_id] = state.vector
+                    self.service.popularity.set(item_id, state.popularity, state.last_ts_ms)
                 else:
                     store[item_id] = decode_vector(value, dims)
             except DimensionError as exc:
@@ -136,9 +145,9 @@ class VectorReplica:
         vector = blend(
             self.behaviour.get(item_id),
             self.content.get(item_id),
-            self.worker.config.model.catalog_weight,
+            self.config.model.catalog_weight,
         )
         if vector is None:
-            self.worker.service.delete(item_id)
+            self.service.delete(item_id)
         else:
-            self.worker.service.upsert(item_id, vector)
+            self.service.upsert(item_id, vector)

@@ -13,10 +13,11 @@ if TYPE_CHECKING:
 __all__ = ["parse_k", "register_pages"]
 
 
-def parse_k(raw: str | None, default: int, max_k: int) -> int:
-    """The ``k`` query parameter: an integer in 1..max_k, else ValueError with a message."""
+def parse_k(raw: str | None, max_k: int) -> int | None:
+    """The ``k`` query parameter: an integer in 1..max_k, None when absent (the user's
+    variant decides), else ValueError with a message."""
     if raw is None or raw == "":
-        return default
+        return None
     try:
         k = int(raw)
     except ValueError:
@@ -58,7 +59,7 @@ def register_pages(worker: WorkerApp) -> None:
     @app.table_route(table=worker.profiles, match_info="user_id")
     async def recommendations(web: Any, request: Any, user_id: str) -> Any:
         try:
-            k = parse_k(request.query.get("k"), cfg.serving.k, cfg.serving.max_k)
+            k = parse_k(request.query.get("k"), cfg.serving.max_k)
         except ValueError as exc:
             return web.json({"error": str(exc)}, status=400)
         body = worker.answer(user_id, None, k, int(time.time() * 1000), trigger="http")
@@ -67,7 +68,7 @@ def register_pages(worker: WorkerApp) -> None:
     @app.page("/similar/{item_id}")
     async def similar(web: Any, request: Any, item_id: str) -> Any:
         try:
-            k = parse_k(request.query.get("k"), cfg.serving.k, cfg.serving.max_k)
+            k = parse_k(request.query.get("k"), cfg.serving.max_k)
         except ValueError as exc:
             return web.json({"error": str(exc)}, status=400)
         body = worker.answer(None, item_id, k, int(time.time() * 1000), trigger="http")

@@ -10,7 +10,6 @@ import orjson
 import pytest
 
 from stream_knn.config import EventsConfig, load_config
-from stream_knn.errors import ConfigError
 from stream_knn.events.synthetic import SyntheticStream
 from stream_knn.serving.variants import VariantAssigner
 
@@ -198,7 +197,7 @@ def test_requests_topic_answers_on_recommendations_and_bad_requests_go_to_dlq(
     assert body["k"] == 10 and len(body["items"]) == 10
 
     body = answers["r-nothing"][1]
-    assert (body["item_id"], body["items"], body["error"]) == ("gone", [], "unknown item")
+    assert (body["item_id"], body["items"], body["error"]) == ("gone", [], "unknown item 'gone'")
 
     dlq = worker_env.consume("dlq", expected=len(bad), timeout_s=30)
     assert sorted(body["reason"] for _, body in dlq) == sorted(reason for *_, reason in bad)
@@ -212,12 +211,6 @@ VARIANTS = '[{"name":"a","share":0.7},{"name":"b","share":0.3,"k":5}]'
 N_VARIANT_USERS = 300
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ConfigError,
-    reason="config bug: serving.variants from the environment is an _EnvString, which "
-    "orjson.loads rejects; fix: orjson.loads(str(value)) in config._variants",
-)
 def test_variant_assignment_matches_shares_and_survives_a_restart(worker_env, run_worker):
     worker_env.extra["STREAM_KNN_SERVING__VARIANTS"] = VARIANTS
     config = load_config(environ=worker_env.env())
@@ -270,12 +263,6 @@ def test_variant_assignment_matches_shares_and_survives_a_restart(worker_env, ru
         assert status == 200 and body["variant"] == variant_of[user], body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(ConfigError, AssertionError),
-    reason="worker bug: HTTP without ?k= uses serving.k, Kafka requests use the variant's k "
-    "(and the serving.variants environment bug above)",
-)
 def test_http_default_k_is_the_variant_k_like_kafka_requests(worker_env, run_worker):
     worker_env.extra["STREAM_KNN_SERVING__VARIANTS"] = VARIANTS
     config = load_config(environ=worker_env.env())

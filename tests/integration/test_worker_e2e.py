@@ -97,8 +97,13 @@ def test_one_recommendation_per_valid_event_and_bad_events_to_dlq(worker_env, ru
             assert entry["item_id"] in produced_items
             assert isinstance(entry["score"], float)
 
-    # After the first index build, lists come from the index rather than the fallback.
-    last = [body for _, body in recs if body["event_id"] in {e["event_id"] for e in good[-50:]}]
+    # After the first index build, a user whose history was learned before it gets a list
+    # from the index, not the popularity fallback (a user first seen after the build may
+    # fall back until the item's vector arrives: that is the documented cold start).
+    first_half_users = {orjson.loads(v)["user_id"] for _, v in records[:half] if v.startswith(b'{"user_id"')}
+    last_ids = {e["event_id"] for e in good[-50:] if e["user_id"] in first_half_users}
+    last = [body for _, body in recs if body["event_id"] in last_ids]
+    assert len(last) >= 40
     assert all(b["index_version"] is not None and "fallback" not in b for b in last)
     assert all(len(b["items"]) == 10 for b in last)
 

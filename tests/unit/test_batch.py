@@ -249,14 +249,6 @@ def test_no_items_means_no_build_and_an_empty_fallback(tmp_path: Path) -> None:
     assert body["index_version"] is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="profile bug: UserProfile.query_vector decays to now_ms and casts to float32, so a "
-    "history older than ~149 profile half-lives (about 3 years at 7 days) becomes a zero "
-    "query and every on-demand answer falls back to popularity; fix: decay relative to the "
-    "newest interaction (cosine ranking is scale-free)",
-)
 def test_an_old_history_still_gives_personal_recommendations(tmp_path: Path) -> None:
     config = _config(tmp_path)
     behaviour, content = _changelogs()

@@ -47,15 +47,20 @@ def test_query_vector_is_decayed_weighted_sum_of_unit_vectors() -> None:
     p = UserProfile().add("a", 0, 2.0, cap=5).add("b", DAY_MS, 1.0, cap=5).add("gone", 0, 9.0, 5)
     q = p.query_vector(vectors.get, now_ms=2 * DAY_MS, half_life_seconds=DAY_S)
     assert q is not None
-    # a: 2 * 1/4 = 0.5 along x; b: 1 * 1/2 = 0.5 along y; "gone" has no vector.
-    np.testing.assert_allclose(q, [0.5, 0.5])
+    # Decayed to the newest interaction (day 1), not to now (the ranking is the same):
+    # a: 2 * 1/2 = 1 along x; b: 1 * 1 = 1 along y; "gone" has no vector.
+    np.testing.assert_allclose(q, [1.0, 1.0])
     # The future is not decayed (never grows either).
     q_future = p.query_vector(vectors.get, now_ms=0, half_life_seconds=DAY_S)
     assert q_future is not None
     np.testing.assert_allclose(q_future, np.array([2.0, 1.0]))
     ids, coefficients = p.query_weights(2 * DAY_MS, DAY_S)
     assert ids == ["a", "b", "gone"]
-    np.testing.assert_allclose(coefficients, [0.5, 0.5, 9.0 / 4])
+    np.testing.assert_allclose(coefficients, [1.0, 1.0, 9.0 / 2])
+    # A history thousands of half-lives old still gives a direction (no float underflow).
+    q_old = p.query_vector(vectors.get, now_ms=5000 * DAY_MS, half_life_seconds=DAY_S)
+    assert q_old is not None
+    np.testing.assert_allclose(q_old, [1.0, 1.0])
 
 
 def test_query_vector_none_without_vectors() -> None:
