@@ -11,8 +11,9 @@ RATE=${DEMO_RATE:-300}
 mkdir -p "$DEMO_DIR"
 
 echo "== 1/5 broker (Apache Kafka from Maven Central, KRaft, single node)"
-$SK broker start
-export STREAM_KNN_BOOTSTRAP_SERVERS=${STREAM_KNN_BOOTSTRAP_SERVERS:-127.0.0.1:9092}
+BOOTSTRAP=$($SK broker start)
+export STREAM_KNN_BOOTSTRAP_SERVERS=$BOOTSTRAP
+echo "broker at $BOOTSTRAP"
 
 echo "== 2/5 topics"
 $SK topics apply

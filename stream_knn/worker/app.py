@@ -170,7 +170,8 @@ class WorkerApp:
         app.agent(self.requests, name="requests")(self._on_requests)
         app.task(self._run_replica)
         app.timer(1.0)(self._refresh_gauges)
-        app.timer(2.0)(self._check_broker)
+        # Check the broker a few times per timeout so /health never flaps between checks.
+        app.timer(min(2.0, w.broker_timeout_seconds / 3))(self._check_broker)
         if config.serving.emit_interval_seconds > 0:
             app.timer(min(0.1, config.serving.emit_interval_seconds / 2))(self._flush_coalesced)
         app.service(self.service)  # type: ignore[arg-type]
@@ -489,13 +490,18 @@ class WorkerApp:
     async def _check_broker(self) -> None:
         """Keep /health's broker clock and the consumer-lag gauges current."""
         try:
-            ok = await asyncio.wait_for(self.replica.ping(), timeout=5.0)
+            ok = await asyncio.wait_for(
+                self.replica.ping(), timeout=self.config.worker.broker_timeout_seconds
+            )
         except TimeoutError:
             ok = False
-        if ok:
+        if ok is None:
+            # Still starting: the broker answered the app's own start-up; not silence.
             self.broker_ok_at = time.time()
-        else:
             return
+        if not ok:
+            return
+        self.broker_ok_at = time.time()
         consumer = self.app.consumer
         inputs = {
             self.user_events.get_topic_name(),

@@ -77,11 +77,12 @@ class VectorReplica:
             self._consumer = None
             await consumer.stop()
 
-    async def ping(self) -> bool:
-        """True when the broker answered a metadata request just now."""
+    async def ping(self) -> bool | None:
+        """True when the broker answered a metadata request just now; None before the
+        replica's consumer has started (nothing to say yet)."""
         consumer = self._consumer
         if consumer is None:
-            return False
+            return None
         try:
             await consumer._client.fetch_all_metadata()
         except (OSError, KafkaError) as exc:
