@@ -82,6 +82,9 @@ class RecommendationService(Service):
                 cache=self.cache,
             )
         self._primary = next(iter(self.managers.values()))
+        # The cache counts on the hot path; the Prometheus counters catch up on refresh.
+        self._synced_hits = 0
+        self._synced_misses = 0
         #: The probe sample: the first items seen, fixed for the life of the process.
         self._probe_ids: list[str] = []
         self._probe_before: (
@@ -214,6 +217,9 @@ class RecommendationService(Service):
         recall = primary.sampled_recall()
         if recall is not None:
             m.ann_recall.set(recall)
+        m.cache_hits.inc(self.cache.hits - self._synced_hits)
+        m.cache_misses.inc(self.cache.misses - self._synced_misses)
+        self._synced_hits, self._synced_misses = self.cache.hits, self.cache.misses
         m.cache_hit_ratio.set(self.cache.hit_ratio)
         for name, value in self.input_drift.current().items():
             m.input_drift.labels(name).set(value)
