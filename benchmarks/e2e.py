@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -202,6 +203,19 @@ class Deployment:
         with urllib.request.urlopen(url, timeout=10) as resp:
             text = resp.read().decode()
         return sum(float(v) for v in _EVENTS_TOTAL.findall(text))
+
+    def cleanup(self) -> None:
+        """Delete this deployment's topics (its own and the worker's internal ones) and state."""
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        names = [
+            t
+            for t in admin.list_topics(timeout=10).topics
+            if t in self.topics.values() or t.startswith(self.app_id)
+        ]
+        if names:
+            for future in admin.delete_topics(names, operation_timeout=30).values():
+                future.result(timeout=60)
+        shutil.rmtree(self.env()["STREAM_KNN_DATA_DIR"], ignore_errors=True)
 
     def stop(self) -> None:
         """SIGINT first (lets cProfile write its file), then SIGTERM, then SIGKILL."""

@@ -24,6 +24,24 @@ def _v(value: Any, unit: str = "") -> str:
     return f"{value}{unit}"
 
 
+def _coalescing(per_event: float | None) -> str:
+    if per_event is None:
+        return "No recommendations were counted."
+    if per_event < 0.95:
+        return (
+            f"Coalescing cut the output to {per_event} recommendations per event "
+            "(1.0 = one per event)."
+        )
+    return f"Coalescing did NOT reduce the output ({per_event} recommendations per event)."
+
+
+def _keeps_up(phase: dict[str, Any]) -> str:
+    rate, done = phase.get("target_rate"), phase.get("throughput_per_second")
+    if not rate or done is None:
+        return "-"
+    return "yes" if done >= 0.9 * rate else "no"
+
+
 def _machine(r: dict[str, Any]) -> list[str]:
     m = r["machine"]
     pk = m["packages"]
@@ -88,25 +106,28 @@ def _section(r: dict[str, Any]) -> list[str]:
             "",
             f"Worker config: {e2e['config']}. Warm-up: {e2e['warmup']}.",
             "",
-            "| rate ev/s | recs/s | p50 ms | p95 ms | p99 ms | worker CPU % | peak RSS MiB "
-            "| index builds in phase |",
-            "|---|---|---|---|---|---|---|---|",
+            "| rate ev/s | recs/s | keeps up | p50 ms | p95 ms | p99 ms | worker CPU % "
+            "| peak RSS MiB | index builds in phase |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for p in e2e["rates"]:
             lines.append(
                 f"| {_v(p['target_rate'])} | {_v(p['throughput_per_second'])} | "
-                f"{_v(p['p50_ms'])} | {_v(p['p95_ms'])} | {_v(p['p99_ms'])} | "
+                f"{_keeps_up(p)} | {_v(p['p50_ms'])} | {_v(p['p95_ms'])} | {_v(p['p99_ms'])} | "
                 f"{p['worker_cpu_percent']} | {p['worker_peak_rss_mib']} | "
                 f"{_v(p['index_builds'])} |"
             )
         o = e2e["open_throttle"]
         lines.append(
             f"| open ({_v(o['produced_rate'])} produced) | {_v(o['throughput_per_second'])} | "
-            f"| | | {o['worker_cpu_percent']} | {o['worker_peak_rss_mib']} | "
+            f"| | | | {o['worker_cpu_percent']} | {o['worker_peak_rss_mib']} | "
             f"{_v(o['index_builds'])} |"
         )
         b = e2e["index_alone"]
         lines += [
+            "",
+            "Latency is only a processing latency where the worker keeps up (recs/s >= 90% of "
+            "the rate); where it does not, the percentiles measure the growing queue.",
             "",
             f"The worker's own latest index loaded alone ({b.get('backend')}, "
             f"{_v(b.get('items'))} items): {_v(b.get('queries_per_second'))} queries/s single "
@@ -126,9 +147,8 @@ def _section(r: dict[str, Any]) -> list[str]:
             f"{p['worker_cpu_percent']} | {_v(raw['records_per_second'])} | "
             f"{_v(r['ratios'].get('ingest_over_raw_consume'))} |",
             "",
-            f"Rate source: {p['source']}. Raw consumer: {raw['client']}. Coalescing "
-            f"{'reduced' if p.get('coalescing_effective') else 'did NOT reduce'} the output "
-            "volume in this run.",
+            f"Rate source: {p['source']}. Raw consumer: {raw['client']}. "
+            + _coalescing(p.get("recommendations_per_event")),
             "",
         ]
     imp = r.get("rebuild_impact")
@@ -136,18 +156,27 @@ def _section(r: dict[str, Any]) -> list[str]:
         lines += [
             "### Rebuild impact at 1,000 events/s",
             "",
-            "| worker | p50 ms | p99 ms | builds in phase | last build s |",
-            "|---|---|---|---|---|",
+            "| worker | recs/s | keeps up | p50 ms | p99 ms | builds in phase | last build s |",
+            "|---|---|---|---|---|---|---|",
         ]
         for key in ("no_rebuild", "rebuilding"):
             q = imp[key]
+            build = q["last_build_seconds"]
             lines.append(
-                f"| {key} | {_v(q['p50_ms'])} | {_v(q['p99_ms'])} | "
-                f"{_v(q['index_builds'])} | {_v(q['last_build_seconds'])} |"
+                f"| {key} | {_v(q['throughput_per_second'])} | {_keeps_up(q)} | "
+                f"{_v(q['p50_ms'])} | {_v(q['p99_ms'])} | {_v(q['index_builds'])} | "
+                f"{_v(None if build is None else round(build, 2))} |"
             )
+        valid = all(_keeps_up(imp[key]) == "yes" for key in ("no_rebuild", "rebuilding"))
+        verdict = (
+            "."
+            if valid
+            else "; NOT meaningful in this run: a worker did not keep up with 1,000 events/s, "
+            "so both p99s are queueing delays (compare the recs/s instead)."
+        )
         lines += [
             "",
-            f"p99 with rebuilds / without: **{_v(imp.get('p99_ratio'))}** (target <= 2).",
+            f"p99 with rebuilds / without: **{_v(imp.get('p99_ratio'))}** (target <= 2)" + verdict,
             "",
         ]
     lines += [f"Guarded ratios: `{r['ratios']}`", ""]

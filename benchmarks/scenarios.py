@@ -273,9 +273,11 @@ class Session:
         }
 
     def stop(self) -> None:
+        """Stop the tap and the worker, then delete the topics and the worker's state."""
         if self.tap is not None:
             self.tap.stop()
         self.dep.stop()
+        self.dep.cleanup()
 
 
 def _builds(before: dict[str, Any], after: dict[str, Any]) -> int | None:

@@ -214,6 +214,9 @@ class WorkerConfig:
     partitions: int = 4
     #: /health fails after the broker has been unreachable this long.
     broker_timeout_seconds: float = 30.0
+    #: Consumer-group session timeout: how soon a dead worker's partitions move on.
+    session_timeout_seconds: float = 10.0
+    heartbeat_interval_seconds: float = 1.0
     log_level: LogLevel = "INFO"
     log_format: LogFormat = "text"
 
@@ -489,6 +492,12 @@ def _check_ranges(config: Config) -> None:
     )
     for port_name, port in (("worker.web_port", w.web_port), ("broker.port", b.port)):
         _require(1 <= port <= 65535, port_name, port, "1..65535")
+    _require(
+        0 < w.heartbeat_interval_seconds < w.session_timeout_seconds,
+        "worker.heartbeat_interval_seconds",
+        w.heartbeat_interval_seconds,
+        "> 0 and below worker.session_timeout_seconds",
+    )
     _require(w.partitions >= 1, "worker.partitions", w.partitions, "integers >= 1")
     d = config.drift
     _require(d.window_events >= 1, "drift.window_events", d.window_events, "integers >= 1")

@@ -242,17 +242,16 @@ class IndexManager:
         with self._lock:
             self._seq += 1
             self._tombstones.discard(item_id)
-            first_seen = item_id not in self._vectors
             self._vectors[item_id] = vec
             live = self._live
             pos = None if live is None else live.positions.get(item_id)
             if (
-                first_seen
-                and live is not None
+                live is not None
                 and pos is not None
                 and _same_rows(live.matrix[pos : pos + 1], vec[None, :], self.metric)[0]
             ):
-                # Replaying the vectors a warm-started version was built from: no change.
+                # Back to what the live version holds (e.g. a changelog replayed after a
+                # warm start reaching the vector the version was built from): no change.
                 self._changed.pop(item_id, None)
                 self._delta.remove(item_id)
                 return
@@ -280,6 +279,11 @@ class IndexManager:
         """A copy of the current item vectors (the arrays are read-only, not copied)."""
         with self._lock:
             return dict(self._vectors)
+
+    @property
+    def change_seq(self) -> int:
+        """A counter that grows with every upsert and delete (a cache key for answers)."""
+        return self._seq
 
     def vector(self, item_id: str) -> npt.NDArray[np.float32] | None:
         """The current vector of ``item_id`` (read-only), or None for an unknown item."""

@@ -29,6 +29,9 @@ class VectorSearch(Protocol):
     @property
     def version(self) -> int | None: ...
 
+    @property
+    def change_seq(self) -> int: ...
+
     def search(
         self, query: npt.NDArray[np.float32], k: int, exclude: Collection[str] = ()
     ) -> Neighbours: ...
@@ -132,7 +135,15 @@ class Recommender:
         version = self.index.version
         key = None
         if self.cache is not None and profile is not None:
-            key = ("user", user_id, k, version, profile.version, frozenset(exclude))
+            key = (
+                "user",
+                user_id,
+                k,
+                version,
+                self.index.change_seq,
+                profile.version,
+                frozenset(exclude),
+            )
             hit = self.cache.get(key)
             if hit is not None:
                 return hit
@@ -165,7 +176,7 @@ class Recommender:
 
     def similar(self, item_id: str, k: int) -> Recommendation | None:
         """Items nearest ``item_id`` (never itself), or None for an unknown item."""
-        key = ("item", item_id, k, self.index.version)
+        key = ("item", item_id, k, self.index.version, self.index.change_seq)
         if self.cache is not None:
             hit = self.cache.get(key)
             if hit is not None:

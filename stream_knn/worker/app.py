@@ -134,6 +134,8 @@ class WorkerApp:
             producer_compression_type=None if k.compression == "none" else k.compression,
             producer_linger_ms=1,
             broker_commit_every=1000,
+            broker_session_timeout=w.session_timeout_seconds,
+            broker_heartbeat_interval=w.heartbeat_interval_seconds,
             broker_commit_interval=1.0,
             table_key_index_size=100_000,
             stream_wait_empty=False,
@@ -218,7 +220,15 @@ class WorkerApp:
         """Micro-batches of user events: profiles written once per user per batch, item
         updates sent once per item partition per batch, one list per event (or coalesced)."""
         async for events in stream.take_events(_BATCH_EVENTS, within=_BATCH_SECONDS):
-            await self._user_batch(stream, events)
+            # take_events acks the batch in a `finally`, also when the agent is cancelled
+            # (shutdown, restart): finish the batch first so its outputs are sent before
+            # its offsets can be committed.
+            batch = asyncio.ensure_future(self._user_batch(stream, events))
+            try:
+                await asyncio.shield(batch)
+            except asyncio.CancelledError:
+                await batch
+                raise
 
     async def _user_batch(self, stream: Any, events: list[Any]) -> None:
         cfg = self.config
