@@ -179,13 +179,15 @@ def filtered_search(
     """The best ``k`` of ``fetch(n)`` not in ``exclude``, over-fetching as needed.
 
     ``fetch(n)`` returns up to ``n`` results best first from an index of ``total``
-    items. Starts at ``k`` plus the excluded count (capped, since an exclusion set can
-    be large while few of its ids rank high) and doubles ``n`` until ``k`` results
-    survive or the index is exhausted, so exclusion never shortens a result needlessly.
+    items. Starts at ``k`` plus the excluded count (capped at 256, since an exclusion set
+    can be large while few of its ids rank high; a user's own recent items, though, are
+    typically the nearest to that user's query, so all of them are expected on top) and
+    doubles ``n`` until ``k`` results survive or the index is exhausted, so exclusion
+    never shortens a result needlessly.
     """
     if k <= 0 or total == 0:
         return []
-    n = min(total, k + min(len(exclude), 4 * k))
+    n = min(total, k + min(len(exclude), 256))
     while True:
         found = fetch(n)
         kept = [(i, s) for i, s in found if i not in exclude] if exclude else found

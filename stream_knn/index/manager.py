@@ -58,6 +58,8 @@ class _Delta:
 
     def __init__(self, dims: int, metric: str) -> None:
         self._metric = metric
+        # Angular rows are kept as unit vectors, so a query costs one matrix product.
+        self._unit = metric == "angular"
         self._ids: list[str] = []
         self._pos: dict[str, int] = {}
         self._matrix = np.empty((64, dims), dtype=np.float32)
@@ -75,7 +77,11 @@ class _Delta:
                 self._matrix = grown
             self._ids.append(item_id)
             self._pos[item_id] = pos
-        self._matrix[pos] = vector
+        if self._unit:
+            norm = float(np.linalg.norm(vector))
+            self._matrix[pos] = vector / norm if norm > 0.0 else vector
+        else:
+            self._matrix[pos] = vector
 
     def remove(self, item_id: str) -> None:
         pos = self._pos.pop(item_id, None)
@@ -96,7 +102,12 @@ class _Delta:
         n = len(self._ids)
         if n == 0 or k <= 0:
             return []
-        scores = exact_scores(self._matrix[:n], query[None, :], self._metric)[0]
+        if self._unit:
+            norm = float(np.linalg.norm(query))
+            unit_query = (query / norm if norm > 0.0 else query).astype(np.float32)
+            scores = np.asarray(self._matrix[:n] @ unit_query, dtype=np.float32)
+        else:
+            scores = exact_scores(self._matrix[:n], query[None, :], self._metric)[0]
         hidden = {self._pos[i] for i in exclude if i in self._pos}
         if hidden:
             scores[list(hidden)] = -np.inf

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,14 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         f"state {Path(config.worker.data_dir).resolve()}",
         flush=True,
     )
-    worker = Worker(
+    class _Worker(Worker):
+        def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+            super().on_setup_root_logger(logger, level)
+            # Faust's terminal spinner leaves the root logger at DEBUG: every library's
+            # debug record is then built (and dropped) on the hot path.
+            logger.setLevel(level)
+
+    worker = _Worker(
         worker_app.app,
         loglevel=config.worker.log_level,
         quiet=True,
