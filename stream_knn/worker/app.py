@@ -51,6 +51,7 @@ from stream_knn.metrics.registry import Metrics
 from stream_knn.serving.coalesce import EmitGate
 from stream_knn.serving.recommender import Recommendation
 from stream_knn.serving.service import RecommendationService
+from stream_knn.worker.output import OutputProducer
 from stream_knn.worker.replica import VectorReplica
 from stream_knn.worker.web import register_pages
 
@@ -151,8 +152,9 @@ class WorkerApp:
         self.user_events = app.topic(k.user_events_topic, **raw)
         self.catalog = app.topic(k.item_catalog_topic, **raw)
         self.requests = app.topic(k.requests_topic, **raw)
-        self.recommendations = app.topic(k.recommendations_topic, **raw)
-        self.dlq = app.topic(k.dlq_topic, **raw)
+        self.recommendations_topic = k.recommendations_topic
+        self.dlq_topic = k.dlq_topic
+        self.output = OutputProducer(k)
         self.item_updates = app.topic(
             f"{w.app_id}-item-updates", partitions=w.partitions, internal=True, **raw
         )
@@ -198,7 +200,7 @@ class WorkerApp:
                 "reason": record.reason,
             },
         )
-        await self.dlq.send(key=record.key, value=record.to_value())
+        self.output.send(self.dlq_topic, record.key, record.to_value())
 
     def _note_online_hit(self, user_id: str, item_id: str, variant: str) -> None:
         last = self.last_lists.get(user_id)
@@ -307,6 +309,8 @@ class WorkerApp:
         await self._send_item_updates(item_updates)
         for ev, profile, produced_s in emissions:
             await self._emit(ev, profile, produced_s)
+        # Delivered before take_events acks the batch: at least once.
+        await self.output.flush()
         if valid:
             metrics.processing_latency.observe((time.perf_counter() - started) / len(valid))
 
@@ -343,7 +347,7 @@ class WorkerApp:
         }
         if rec.fallback:
             record["fallback"] = rec.fallback
-        await self.recommendations.send(key=ev.user_id.encode(), value=orjson.dumps(record))
+        self.output.send(self.recommendations_topic, ev.user_id.encode(), orjson.dumps(record))
         self._remember_list(ev.user_id, rec.items)
         self.metrics.recommendations.labels(variant.name, "event").inc()
         self.metrics.end_to_end_latency.observe(max(0.0, emitted_ms / 1000.0 - produced_s))
@@ -354,6 +358,7 @@ class WorkerApp:
             profile = self.latest_profiles.pop(user, None)
             if profile is not None:
                 await self._emit(ev, profile, produced_s)
+        await self.output.flush()
 
     async def _on_item_updates(self, stream: Any) -> None:
         """Apply item updates, one table read and write per item per batch."""
@@ -401,6 +406,7 @@ class WorkerApp:
             if isinstance(parsed, DlqRecord):
                 self.metrics.catalog.labels("dlq").inc()
                 await self._send_dlq(parsed)
+                await self.output.flush()
                 continue
             await self._apply_catalog(parsed)
 
@@ -437,6 +443,7 @@ class WorkerApp:
             )
             if isinstance(parsed, DlqRecord):
                 await self._send_dlq(parsed)
+                await self.output.flush()
                 continue
             await self._answer_request(parsed)
 
@@ -445,7 +452,8 @@ class WorkerApp:
         body = self.answer(req.user_id, req.item_id, req.k, now_ms, trigger="request")
         body["request_id"] = req.request_id
         key = (req.user_id or req.item_id or "").encode()
-        await self.recommendations.send(key=key, value=orjson.dumps(body))
+        self.output.send(self.recommendations_topic, key, orjson.dumps(body))
+        await self.output.flush()
 
     def answer(
         self, user_id: str | None, item_id: str | None, k: int | None, now_ms: int, trigger: str

@@ -41,6 +41,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         f"state {Path(config.worker.data_dir).resolve()}",
         flush=True,
     )
+
     class _Worker(Worker):
         def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
             super().on_setup_root_logger(logger, level)
