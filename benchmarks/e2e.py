@@ -1,8 +1,9 @@
 """Worker benchmarks on a real broker: end-to-end latency at fixed rates, open-throttle rate,
-ingest rate, raw consume rate and the cost of index rebuilds."""
+ingest rate, raw consume rate, the cost of index rebuilds and HTTP query latency."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from stream_knn.events.producer import TokenBucket, producer_config
 from stream_knn.events.synthetic import SyntheticStream
 
-__all__ = ["Deployment", "RecordTap", "WorkerStats", "raw_consume_rate"]
+__all__ = ["Deployment", "RecordTap", "WorkerStats", "raw_consume_rate", "time_gets"]
 
 _ROLES = ("user_events", "item_catalog", "recommendations", "requests", "dlq")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -204,6 +205,15 @@ class Deployment:
             text = resp.read().decode()
         return sum(float(v) for v in _EVENTS_TOTAL.findall(text))
 
+    def metric(self, name: str) -> float | None:
+        """Sum of the unlabelled or labelled samples of ``name`` on /metrics (None if absent)."""
+        url = f"http://127.0.0.1:{self.web_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+        pattern = re.compile(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+-]+|NaN)$", re.M)
+        values = [float(v) for v in pattern.findall(text)]
+        return sum(values) if values else None
+
     def cleanup(self) -> None:
         """Delete this deployment's topics (its own and the worker's internal ones) and state."""
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
@@ -239,10 +249,13 @@ class EventSource:
     def __init__(self, n_users: int, n_items: int, seed: int) -> None:
         stream = SyntheticStream(n_users=n_users, n_items=n_items, n_clusters=50, seed=seed)
         self._events: Iterator[dict[str, Any]] = stream.events(10**9)
+        #: Users in the order they first had an event (the HTTP phase asks for these).
+        self.seen_users: dict[str, None] = {}
 
     def next_event(self) -> tuple[bytes, dict[str, Any]]:
         event = next(self._events)
         event["ts"] = int(time.time() * 1000)
+        self.seen_users.setdefault(event["user_id"], None)
         return event["user_id"].encode(), event
 
 
@@ -347,3 +360,37 @@ def raw_consume_rate(bootstrap: str, topic: str, expected: int) -> dict[str, Any
         "seconds": round(seconds, 3),
         "records_per_second": round(count / seconds) if seconds > 0 else None,
     }
+
+
+def time_gets(port: int, paths: list[str]) -> tuple[np.ndarray[Any, Any], float, int]:
+    """GET each path in turn on one keep-alive connection to 127.0.0.1:``port``.
+
+    Returns (per-request milliseconds, wall seconds of the whole sequence, non-200 answers).
+    The body is read fully, so a request's time ends when its last byte arrived.
+    """
+    times = np.empty(len(paths))
+    errors = 0
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    started = time.perf_counter()
+    try:
+        for n, path in enumerate(paths):
+            t0 = time.perf_counter()
+            try:
+                conn.request("GET", path)
+                resp = conn.getresponse()
+                resp.read()
+                status = resp.status
+            except (http.client.HTTPException, ConnectionError):
+                # The server closed the idle connection: reconnect and ask once more.
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                t0 = time.perf_counter()
+                conn.request("GET", path)
+                resp = conn.getresponse()
+                resp.read()
+                status = resp.status
+            times[n] = (time.perf_counter() - t0) * 1000.0
+            errors += status != 200
+    finally:
+        conn.close()
+    return times, time.perf_counter() - started, errors

@@ -58,6 +58,43 @@ def _machine(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _http(h: dict[str, Any] | None) -> list[str]:
+    if not h:
+        return []
+    if "error" in h:
+        return ["### HTTP query latency", "", f"Not measured: {h['error']}", ""]
+    lines = [
+        "### HTTP query latency (k=10, no events flowing)",
+        "",
+        f"{h['client']}; {_v(h['requests_per_phase'])} requests per row. *cached*: the same "
+        f"{h['hot_keys']} users (items) asked in turn, so all but the first ask of each can hit "
+        "the worker's query cache; *uncached*: a distinct user (item) per request.",
+        "",
+        "| endpoint | mode | requests/s | p50 ms | p95 ms | p99 ms | max ms | non-200 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for endpoint in ("recommendations", "similar"):
+        for mode in ("cached", "uncached"):
+            row = h.get(f"{endpoint}_{mode}")
+            if not row:
+                continue
+            lines.append(
+                f"| `/{endpoint}/{{id}}` | {mode} | {_v(row['requests_per_second'])} | "
+                f"{_v(row['p50_ms'])} | {_v(row['p95_ms'])} | {_v(row['p99_ms'])} | "
+                f"{_v(row['max_ms'])} | {row['non_200']} |"
+            )
+    lines += [
+        "",
+        f"Query cache hits / queries in the cached phase: {_v(h.get('cached_phase_hit_ratio'))}, "
+        f"in the uncached phase: {_v(h.get('uncached_phase_hit_ratio'))} (from "
+        "`stream_knn_cache_hits_total` and `_misses_total`); `stream_knn_cache_hit_ratio` "
+        f"after the cached phase (over the worker's life, warm-up included): "
+        f"{_v(h.get('cache_hit_ratio_after_cached'))}.",
+        "",
+    ]
+    return lines
+
+
 def _section(r: dict[str, Any]) -> list[str]:
     lines = [f"## `{r['mode']}` run", "", *_machine(r), ""]
     c = r["core"]
@@ -135,6 +172,7 @@ def _section(r: dict[str, Any]) -> list[str]:
             f"**{_v(r['ratios'].get('worker_over_index'))}** (target >= 0.7).",
             "",
         ]
+    lines += _http(r.get("http"))
     ing = r.get("ingest")
     if ing:
         p, raw = ing["phase"], ing["raw_consume"]

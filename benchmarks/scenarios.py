@@ -1,5 +1,5 @@
-"""The Kafka scenarios of the harness: warm-up, fixed-rate and open-throttle phases, ingest,
-rebuild impact and the worker's own index measured alone."""
+"""The Kafka scenarios of the harness: warm-up, HTTP query latency, fixed-rate and
+open-throttle phases, ingest, rebuild impact and the worker's own index measured alone."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from benchmarks.e2e import (
     produce_catalog,
     produce_for,
     raw_consume_rate,
+    time_gets,
     wait_for,
 )
 from benchmarks.indexes import query_rate
@@ -45,17 +46,21 @@ class Scale:
         #: Open-throttle bursts are larger than the worker drains in ``window_seconds``.
         self.open_events = 150_000 if full else 40_000
         self.window_seconds = 20.0 if full else 8.0
+        #: Sequential GETs per endpoint and cache mode in the HTTP phase.
+        self.http_requests = 2_000 if full else 600
+        #: Distinct users (and items) asked over and over in the cached HTTP mode.
+        self.http_hot = 20
 
 
-def _percentiles(values: np.ndarray[Any, Any]) -> dict[str, float | None]:
+def _percentiles(values: np.ndarray[Any, Any], digits: int = 1) -> dict[str, float | None]:
     if values.size == 0:
         return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "max_ms": None}
     p50, p95, p99 = np.percentile(values, [50, 95, 99])
     return {
-        "p50_ms": round(float(p50), 1),
-        "p95_ms": round(float(p95), 1),
-        "p99_ms": round(float(p99), 1),
-        "max_ms": round(float(values.max()), 1),
+        "p50_ms": round(float(p50), digits),
+        "p95_ms": round(float(p95), digits),
+        "p99_ms": round(float(p99), digits),
+        "max_ms": round(float(values.max()), digits),
     }
 
 
@@ -113,6 +118,73 @@ class Session:
             return self.dep.events_total()
         except OSError:
             return 0.0
+
+    def http_phase(self) -> dict[str, Any]:
+        """Sequential GETs while no events flow: the same few keys, then a distinct key each.
+
+        ``/recommendations/{user}?k=10`` asks users that had warm-up events (so they have a
+        profile); ``/similar/{item}?k=10`` asks catalog items. The worker's query cache is
+        keyed by the index's change counter, so it can only hit while no events flow.
+        """
+        dep, scale = self.dep, self.scale
+        n, hot = scale.http_requests, scale.http_hot
+        # Item-vector updates of the last events trail their recommendations a little.
+        time.sleep(2.0)
+        users = list(self.source.seen_users)
+        if len(users) < hot:
+            return {"error": f"only {len(users)} users had events; need at least {hot}"}
+        rng = np.random.default_rng(5)
+        keys = {
+            "recommendations": [f"/recommendations/{u}?k=10" for u in rng.permutation(users)],
+            "similar": [f"/similar/i{i}?k=10" for i in rng.permutation(scale.n_items)],
+        }
+        result: dict[str, Any] = {
+            "requests_per_phase": n,
+            "hot_keys": hot,
+            "client": "http.client, one keep-alive connection, sequential, body read",
+        }
+        for mode in ("cached", "uncached"):
+            hits0, misses0 = self._cache_counts()
+            for endpoint, paths in keys.items():
+                if mode == "cached":
+                    # Each hot key is asked n / hot times; only its first ask can miss.
+                    chosen = [paths[j % hot] for j in range(n)]
+                else:
+                    # Skip the hot keys (cached above) and stop at the distinct keys there are.
+                    chosen = paths[hot : hot + n]
+                times, seconds, errors = time_gets(dep.web_port, chosen)
+                row: dict[str, Any] = {
+                    "requests": len(chosen),
+                    "distinct_keys": len(set(chosen)),
+                    "requests_per_second": round(len(chosen) / seconds) if seconds > 0 else None,
+                    "non_200": errors,
+                    **_percentiles(times, digits=2),
+                }
+                result[f"{endpoint}_{mode}"] = row
+                self.say(
+                    f"[{dep.name}] HTTP {endpoint} {mode}: {row['requests_per_second']} req/s, "
+                    f"p50 {row['p50_ms']} p95 {row['p95_ms']} p99 {row['p99_ms']} ms"
+                    + (f", {errors} non-200" if errors else "")
+                )
+            hits1, misses1 = self._cache_counts()
+            asked = (hits1 - hits0) + (misses1 - misses0)
+            result[f"{mode}_phase_hit_ratio"] = (
+                round((hits1 - hits0) / asked, 3) if asked > 0 else None
+            )
+            if mode == "cached":
+                ratio = dep.metric("stream_knn_cache_hit_ratio")
+                result["cache_hit_ratio_after_cached"] = None if ratio is None else round(ratio, 3)
+        self.say(
+            f"[{dep.name}] cache hit ratio: {result.get('cache_hit_ratio_after_cached')} "
+            f"(worker lifetime gauge), {result.get('cached_phase_hit_ratio')} in the cached "
+            f"phase, {result.get('uncached_phase_hit_ratio')} in the uncached phase"
+        )
+        return result
+
+    def _cache_counts(self) -> tuple[float, float]:
+        hits = self.dep.metric("stream_knn_cache_hits_total")
+        misses = self.dep.metric("stream_knn_cache_misses_total")
+        return hits or 0.0, misses or 0.0
 
     def rate_phase(self, rate: float) -> dict[str, Any]:
         """Produce at ``rate`` events/s; latency and throughput over the steady part."""

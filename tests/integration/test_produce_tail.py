@@ -50,7 +50,11 @@ def _cli(*args: str, bootstrap: str) -> subprocess.CompletedProcess[str]:
     env["STREAM_KNN_BOOTSTRAP_SERVERS"] = bootstrap
     return subprocess.run(
         [sys.executable, "-m", "stream_knn.cli", *args],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -90,8 +94,9 @@ def test_undeliverable_events_are_counted_as_failed(
 ) -> None:
     topic = make_topic(1, **{"max.message.bytes": "200"})
     # Random ids do not compress, so every batch is over the topic's size limit.
-    events = [{"user_id": secrets.token_hex(400), "item_id": "i1", "event_type": "view"}
-              for _ in range(5)]
+    events = [
+        {"user_id": secrets.token_hex(400), "item_id": "i1", "event_type": "view"} for _ in range(5)
+    ]
     report = produce_events(_bootstrap, topic, events)
     assert (report.sent, report.acked, report.failed, report.ok) == (5, 0, 5, False)
     assert report.errors
@@ -111,7 +116,13 @@ def test_cli_produce_file_then_tail(
     assert produced.stdout.rstrip().endswith(f"to topic {topic}")
 
     tailed = _cli(
-        "tail", topic, "--from-beginning", "--limit", "12", "--timeout", "30",
+        "tail",
+        topic,
+        "--from-beginning",
+        "--limit",
+        "12",
+        "--timeout",
+        "30",
         bootstrap=_bootstrap,
     )
     assert tailed.returncode == 0, tailed.stderr

@@ -100,7 +100,9 @@ def test_one_recommendation_per_valid_event_and_bad_events_to_dlq(worker_env, ru
     # After the first index build, a user whose history was learned before it gets a list
     # from the index, not the popularity fallback (a user first seen after the build may
     # fall back until the item's vector arrives: that is the documented cold start).
-    first_half_users = {orjson.loads(v)["user_id"] for _, v in records[:half] if v.startswith(b'{"user_id"')}
+    first_half_users = {
+        orjson.loads(v)["user_id"] for _, v in records[:half] if v.startswith(b'{"user_id"')
+    }
     last_ids = {e["event_id"] for e in good[-50:] if e["user_id"] in first_half_users}
     last = [body for _, body in recs if body["event_id"] in last_ids]
     assert len(last) >= 40

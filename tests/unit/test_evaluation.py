@@ -40,8 +40,16 @@ def test_item_knn_hand_computed_ranking_and_hit_rate() -> None:
     # C_bd = C_cd = 1, C_ad = 0. u1 has {a, b}: score(c) = 1/2 + 1/2 = 1.0,
     # score(d) = 0 + 1/sqrt(2) = 0.707 -> [c, d].
     events = _events(
-        [("u1", "a"), ("u1", "b"), ("u2", "a"), ("u2", "c"), ("u3", "b"), ("u3", "c"),
-         ("u3", "d"), ("u1", "d")]
+        [
+            ("u1", "a"),
+            ("u1", "b"),
+            ("u2", "a"),
+            ("u2", "c"),
+            ("u3", "b"),
+            ("u3", "c"),
+            ("u3", "d"),
+            ("u1", "d"),
+        ]
     )
     knn = ItemKnnBaseline(n_items=4, history_items=50)
     for e in events[:7]:
@@ -109,9 +117,7 @@ def _brute_force_hits(events: list[Ev], weights: list[float], k: int, history: i
 
 def test_item_knn_matches_brute_force_on_random_weighted_stream() -> None:
     rng = np.random.default_rng(5)
-    events = [
-        Ev(f"u{rng.integers(6)}", f"i{rng.integers(9)}", ts_ms=j) for j in range(70)
-    ]
+    events = [Ev(f"u{rng.integers(6)}", f"i{rng.integers(9)}", ts_ms=j) for j in range(70)]
     weights = [float(x) for x in rng.choice([0.5, 1.0, 2.0, 3.5], size=len(events))]
     history = 3
     knn = ItemKnnBaseline(n_items=9, history_items=history)
@@ -119,9 +125,7 @@ def test_item_knn_matches_brute_force_on_random_weighted_stream() -> None:
         if j > 0 and any(p.user_id == e.user_id for p in events[:j]):
             items = list(dict.fromkeys(p.item_id for p in events[:j]))
             expected = _brute_force_scores(events, weights, j, e.user_id, history)
-            assert knn.recommend(e.user_id, 4, e.ts_ms) == _brute_force_ranking(
-                expected, 4, items
-            )
+            assert knn.recommend(e.user_id, 4, e.ts_ms) == _brute_force_ranking(expected, 4, items)
         knn.learn(e.user_id, e.item_id, weights[j], e.ts_ms)
     outcome = replay(events, [ItemKnnBaseline(9, history)], k=3, weights=weights)
     assert outcome.stats["item_knn"][0].result(3, 9).hits == _brute_force_hits(
@@ -212,9 +216,15 @@ def test_streaming_model_finds_planted_clusters_well_above_popularity(tmp_path: 
 
 # (user, item, rating, epoch seconds): 3 users, repeated item for u1 (not scored).
 _ROWS = [
-    ("1", "10", 4, 1_000_000_000), ("1", "11", 5, 1_000_000_060), ("2", "10", 3, 1_000_000_120),
-    ("2", "11", 2, 1_000_000_180), ("3", "11", 5, 1_000_000_240), ("1", "12", 4, 1_000_000_300),
-    ("3", "10", 1, 1_000_000_360), ("2", "12", 4, 1_000_000_420), ("3", "12", 3, 1_000_000_480),
+    ("1", "10", 4, 1_000_000_000),
+    ("1", "11", 5, 1_000_000_060),
+    ("2", "10", 3, 1_000_000_120),
+    ("2", "11", 2, 1_000_000_180),
+    ("3", "11", 5, 1_000_000_240),
+    ("1", "12", 4, 1_000_000_300),
+    ("3", "10", 1, 1_000_000_360),
+    ("2", "12", 4, 1_000_000_420),
+    ("3", "12", 3, 1_000_000_480),
     ("1", "11", 5, 1_000_000_540),
 ]
 
@@ -251,7 +261,11 @@ def test_evaluate_reads_every_format_the_same(tmp_path: Path, fmt: str) -> None:
     # item nobody had seen (u1-11 at event 2, u1-12 at event 6): certain misses. The other
     # 4 have at most 2 unseen candidates, so with k = 2 every method hits them all.
     assert doc["counts"] == {
-        "events": 10, "users": 3, "items": 3, "first_events": 3, "repeat_events": 1,
+        "events": 10,
+        "users": 3,
+        "items": 3,
+        "first_events": 3,
+        "repeat_events": 1,
         "cold_item_events": 2,
     }
     assert set(doc["methods"]) == {"streaming", "item_knn", "popularity"}

@@ -26,7 +26,12 @@ BROKER_TS = 1_700_000_123_456
 
 def _event(raw: bytes | None, config: EventsConfig = CFG) -> UserEvent | DlqRecord:
     return parse_user_event(
-        raw, config=config, topic="ue", partition=3, offset=41, key=b"u1",
+        raw,
+        config=config,
+        topic="ue",
+        partition=3,
+        offset=41,
+        key=b"u1",
         broker_ts_ms=BROKER_TS,
     )
 
@@ -47,14 +52,20 @@ def _ok(raw: bytes | None, config: EventsConfig = CFG) -> UserEvent:
 def test_minimal_event_gets_defaults() -> None:
     e = _ok(_json(user_id="u1", item_id="i1", event_type="view"))
     assert e == UserEvent(
-        user_id="u1", item_id="i1", event_type="view", ts_ms=BROKER_TS, weight=1.0,
-        event_id="ue-3-41", rating=None, context=None,
+        user_id="u1",
+        item_id="i1",
+        event_type="view",
+        ts_ms=BROKER_TS,
+        weight=1.0,
+        event_id="ue-3-41",
+        rating=None,
+        context=None,
     )
 
 
 @pytest.mark.parametrize(
-    ("event_type", "weight"), [("view", 1.0), ("click", 2.0), ("add_to_cart", 3.0),
-                               ("purchase", 5.0)]
+    ("event_type", "weight"),
+    [("view", 1.0), ("click", 2.0), ("add_to_cart", 3.0), ("purchase", 5.0)],
 )
 def test_default_weight_by_type(event_type: str, weight: float) -> None:
     assert _ok(_json(user_id="u", item_id="i", event_type=event_type)).weight == weight
@@ -68,10 +79,23 @@ def test_weights_come_from_config() -> None:
 
 
 def test_explicit_fields_win() -> None:
-    e = _ok(_json(user_id="u", item_id="i", event_type="purchase", ts=1_700_000_000_001,
-                  weight=0.25, event_id="e-9", context={"page": "home"}, extra="ignored"))
+    e = _ok(
+        _json(
+            user_id="u",
+            item_id="i",
+            event_type="purchase",
+            ts=1_700_000_000_001,
+            weight=0.25,
+            event_id="e-9",
+            context={"page": "home"},
+            extra="ignored",
+        )
+    )
     assert (e.ts_ms, e.weight, e.event_id, e.context) == (
-        1_700_000_000_001, 0.25, "e-9", {"page": "home"}
+        1_700_000_000_001,
+        0.25,
+        "e-9",
+        {"page": "home"},
     )
 
 
@@ -161,7 +185,11 @@ def test_bad_event_reason(reason: str, raw: bytes | None) -> None:
     assert isinstance(result, DlqRecord)
     assert result.reason == reason, result.error
     assert (result.topic, result.partition, result.offset, result.raw, result.key) == (
-        "ue", 3, 41, raw, b"u1"
+        "ue",
+        3,
+        41,
+        raw,
+        b"u1",
     )
     assert result.error
 
@@ -185,8 +213,13 @@ def test_every_user_event_reason_is_declared() -> None:
 def test_dlq_value_utf8() -> None:
     record = DlqRecord("not_json", "value is not valid JSON", "ue", 1, 2, b"oops", b"u1")
     assert orjson.loads(record.to_value()) == {
-        "error": "value is not valid JSON", "reason": "not_json", "topic": "ue",
-        "partition": 1, "offset": 2, "raw": "oops", "key": "u1",
+        "error": "value is not valid JSON",
+        "reason": "not_json",
+        "topic": "ue",
+        "partition": 1,
+        "offset": 2,
+        "raw": "oops",
+        "key": "u1",
     }
 
 
@@ -205,7 +238,11 @@ def test_dlq_value_binary_is_base64() -> None:
 def test_dlq_to_error_carries_coordinates() -> None:
     error = DlqRecord("bad_k", "k must be 1..5", "rq", 2, 9, b"{}", b"k").to_error()
     assert (error.reason, error.topic, error.partition, error.offset, error.key) == (
-        "bad_k", "rq", 2, 9, b"k"
+        "bad_k",
+        "rq",
+        2,
+        9,
+        b"k",
     )
     assert str(error) == "bad_k: k must be 1..5 (rq[2]@9 key=b'k')"
 
@@ -227,7 +264,10 @@ def test_catalog_valid_records() -> None:
         CatalogRecord("i1", None, {"price": 9.5, "age": None, "n": 2.0}, False)
     )
     assert _catalog(_json(item_id="i1", vector=[1, 2, 3, 4]), dims=None).vector == (
-        1.0, 2.0, 3.0, 4.0
+        1.0,
+        2.0,
+        3.0,
+        4.0,
     )
     assert _catalog(_json(item_id="i1")) == CatalogRecord("i1", None, None, False)
 
@@ -277,9 +317,7 @@ def test_catalog_dims_mismatch_message_names_dims() -> None:
 
 
 def _request(raw: bytes | None, max_k: int = 50) -> Any:
-    return parse_request(
-        raw, config=CFG, topic="rq", partition=1, offset=8, key=None, max_k=max_k
-    )
+    return parse_request(raw, config=CFG, topic="rq", partition=1, offset=8, key=None, max_k=max_k)
 
 
 def test_request_valid() -> None:

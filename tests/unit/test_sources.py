@@ -46,7 +46,8 @@ def test_movielens_errors_name_the_line(tmp_path: Path) -> None:
 
 def test_ratings_csv(tmp_path: Path) -> None:
     path = _write(
-        tmp_path, "ratings.csv",
+        tmp_path,
+        "ratings.csv",
         "userId,movieId,rating,timestamp\n7,99,3.5,1500000001\n8,98,4.0,1500000000\n",
     )
     assert detect_format(path) == "ratings-csv"
@@ -70,7 +71,8 @@ def test_ratings_csv_missing_column_and_bad_row(tmp_path: Path) -> None:
 
 def test_generic_csv_all_columns(tmp_path: Path) -> None:
     path = _write(
-        tmp_path, "ev.csv",
+        tmp_path,
+        "ev.csv",
         "user_id,item_id,event_type,ts,weight,rating\n"
         "u1,i1,click,1700000000500,,\n"
         "u2,i2,,1700000000000,,4\n"
@@ -88,7 +90,9 @@ def test_generic_csv_without_ts_keeps_file_order(tmp_path: Path) -> None:
     path = _write(tmp_path, "ev.csv", "item_id,user_id\ni9,u1\ni8,u2\ni7,u3\n")
     events = read_events(path)
     assert [(e.user_id, e.item_id, e.event_type, e.ts_ms) for e in events] == [
-        ("u1", "i9", "view", 0), ("u2", "i8", "view", 1), ("u3", "i7", "view", 2),
+        ("u1", "i9", "view", 0),
+        ("u2", "i8", "view", 1),
+        ("u3", "i7", "view", 2),
     ]
 
 
@@ -116,7 +120,8 @@ def test_generic_csv_errors(tmp_path: Path, body: str, message: str) -> None:
 
 def test_jsonl_uses_topic_rules(tmp_path: Path) -> None:
     path = _write(
-        tmp_path, "ev.jsonl",
+        tmp_path,
+        "ev.jsonl",
         '{"user_id": 5, "item_id": "i1", "event_type": "click", "ts": 1700000000}\n'
         "\n"
         '{"user_id": "u2", "item_id": "i2", "event_type": "view", "weight": 0.5, '
@@ -131,7 +136,8 @@ def test_jsonl_uses_topic_rules(tmp_path: Path) -> None:
 
 def test_jsonl_bad_record_names_line_and_reason(tmp_path: Path) -> None:
     path = _write(
-        tmp_path, "ev.jsonl",
+        tmp_path,
+        "ev.jsonl",
         '{"user_id": "u", "item_id": "i", "event_type": "view"}\n'
         '{"user_id": "u", "item_id": "i", "event_type": "like"}\n',
     )
@@ -167,8 +173,16 @@ def test_not_utf8_names_the_line(tmp_path: Path) -> None:
 
 def test_to_event_dict_round_trip() -> None:
     assert to_event_dict(RawEvent("u", "i", "rating", 5, None, 4.5)) == {
-        "user_id": "u", "item_id": "i", "event_type": "rating", "ts": 5, "rating": 4.5,
+        "user_id": "u",
+        "item_id": "i",
+        "event_type": "rating",
+        "ts": 5,
+        "rating": 4.5,
     }
     assert to_event_dict(RawEvent("u", "i", "click", 5, 2.0)) == {
-        "user_id": "u", "item_id": "i", "event_type": "click", "ts": 5, "weight": 2.0,
+        "user_id": "u",
+        "item_id": "i",
+        "event_type": "click",
+        "ts": 5,
+        "weight": 2.0,
     }

@@ -57,8 +57,9 @@ def test_noise_events_are_outside_tastes_at_the_configured_share() -> None:
 
 
 def test_shift_moves_every_user_to_disjoint_clusters() -> None:
-    s = SyntheticStream(n_users=40, n_items=100, n_clusters=10, clusters_per_user=3,
-                        shift_at=2000, noise=0.0)
+    s = SyntheticStream(
+        n_users=40, n_items=100, n_clusters=10, clusters_per_user=3, shift_at=2000, noise=0.0
+    )
     for u in range(40):
         before, after = s.tastes(f"u{u}"), s.tastes(f"u{u}", shifted=True)
         assert len(before) == len(after) == 3
@@ -71,8 +72,9 @@ def test_shift_moves_every_user_to_disjoint_clusters() -> None:
 
 
 def test_noise_after_shift_avoids_shifted_tastes() -> None:
-    s = SyntheticStream(n_users=20, n_items=100, n_clusters=6, clusters_per_user=2,
-                        shift_at=0, noise=1.0)
+    s = SyntheticStream(
+        n_users=20, n_items=100, n_clusters=6, clusters_per_user=2, shift_at=0, noise=1.0
+    )
     for e in s.events(2000):
         assert s.cluster_of(e["item_id"]) not in s.tastes(e["user_id"], shifted=True)
 
