@@ -320,24 +320,7 @@ def answer_for_user(
         ``user_id, variant, [cold_start], items [{item_id, score}], k, index_version,
         trigger, emitted_ts, [fallback]``.
     """
-    variant = service.assigner.assign(user_id)
-    kk = k or variant.k
-    rec = service.recommend(user_id, profile, kk, now_ms, variant=variant)
-    body: dict[str, Any] = {"user_id": user_id, "variant": variant.name}
-    if profile is None:
-        body["cold_start"] = True
-    body.update(
-        {
-            "items": [{"item_id": i, "score": round(s, 6)} for i, s in rec.items],
-            "k": kk,
-            "index_version": rec.index_version,
-            "trigger": trigger,
-            "emitted_ts": int(time.time() * 1000),
-        }
-    )
-    if rec.fallback:
-        body["fallback"] = rec.fallback
-    return body
+    return service.answer(user_id=user_id, profile=profile, k=k, now_ms=now_ms, trigger=trigger)
 
 
 class BatchRecommender:

@@ -8,6 +8,7 @@ over a saved index.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,56 @@ class RecommendationService(Service):
     ) -> Recommendation | None:
         variant = variant or self.assigner.variants[0]
         return self.recommenders[variant.name].similar(item_id, k)
+
+    def answer(
+        self,
+        *,
+        user_id: str | None = None,
+        profile: UserProfile | None = None,
+        item_id: str | None = None,
+        k: int | None,
+        now_ms: int,
+        trigger: str,
+    ) -> dict[str, Any]:
+        """The JSON body of an on-demand answer (HTTP, Kafka request, batch).
+
+        For a user: ``user_id, variant, [cold_start], items, k, index_version, trigger,
+        emitted_ts, [fallback]``; ``k`` None means the user's variant's k. For an item
+        (``/similar``): the same with ``item_id``, and ``error`` for an unknown item.
+        """
+        if user_id is not None:
+            variant = self.assigner.assign(user_id)
+            kk = k or variant.k
+            rec = self.recommend(user_id, profile, kk, now_ms, variant=variant)
+            body: dict[str, Any] = {"user_id": user_id, "variant": variant.name}
+            if profile is None:
+                body["cold_start"] = True
+        else:
+            if item_id is None:
+                raise ValueError("answer() needs a user_id or an item_id")
+            variant = self.assigner.variants[0]
+            kk = k or variant.k
+            found = self.similar(item_id, kk, variant=variant)
+            body = {"item_id": item_id, "variant": variant.name}
+            if found is None:
+                body["error"] = f"unknown item {item_id!r}"
+                rec = Recommendation([], self._primary.version)
+            else:
+                rec = found
+        body.update(
+            {
+                "items": [{"item_id": i, "score": round(s, 6)} for i, s in rec.items],
+                "k": kk,
+                "index_version": rec.index_version,
+                "trigger": trigger,
+                "emitted_ts": int(time.time() * 1000),
+            }
+        )
+        if rec.fallback:
+            body["fallback"] = rec.fallback
+        if "error" not in body:
+            self.metrics.recommendations.labels(variant.name, trigger).inc()
+        return body
 
     @property
     def has_index(self) -> bool:

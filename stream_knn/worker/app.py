@@ -49,7 +49,6 @@ from stream_knn.events.schema import (
 )
 from stream_knn.metrics.registry import Metrics
 from stream_knn.serving.coalesce import EmitGate
-from stream_knn.serving.recommender import Recommendation
 from stream_knn.serving.service import RecommendationService
 from stream_knn.worker.output import OutputProducer
 from stream_knn.worker.replica import VectorReplica
@@ -459,40 +458,13 @@ class WorkerApp:
         self, user_id: str | None, item_id: str | None, k: int | None, now_ms: int, trigger: str
     ) -> dict[str, Any]:
         """The JSON body of an on-demand answer (Kafka request or HTTP)."""
+        profile = None
         if user_id is not None:
-            variant = self.service.assigner.assign(user_id)
-            kk = k or variant.k
             raw_profile = self.profiles.get(user_id.encode())
             profile = UserProfile.from_bytes(raw_profile) if raw_profile else None
-            rec = self.service.recommend(user_id, profile, kk, now_ms, variant=variant)
-            body: dict[str, Any] = {"user_id": user_id, "variant": variant.name}
-            if profile is None:
-                body["cold_start"] = True
-        else:
-            assert item_id is not None
-            variant = self.service.assigner.variants[0]
-            kk = k or variant.k
-            found = self.service.similar(item_id, kk, variant=variant)
-            body = {"item_id": item_id, "variant": variant.name}
-            if found is None:
-                body["error"] = f"unknown item {item_id!r}"
-                rec = Recommendation([], self.service.primary.version)
-            else:
-                rec = found
-        body.update(
-            {
-                "items": [{"item_id": i, "score": round(s, 6)} for i, s in rec.items],
-                "k": kk,
-                "index_version": rec.index_version,
-                "trigger": trigger,
-                "emitted_ts": int(time.time() * 1000),
-            }
+        return self.service.answer(
+            user_id=user_id, profile=profile, item_id=item_id, k=k, now_ms=now_ms, trigger=trigger
         )
-        if rec.fallback:
-            body["fallback"] = rec.fallback
-        if "error" not in body:
-            self.metrics.recommendations.labels(variant.name, trigger).inc()
-        return body
 
     # -- background ------------------------------------------------------------------------
 
