@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import time
 from collections.abc import Collection
 
 __all__ = ["Popularity"]
@@ -20,11 +21,19 @@ class Popularity:
     is unaffected by the common scale.
     """
 
-    def __init__(self, half_life_seconds: float, max_items: int = 1_000_000) -> None:
+    def __init__(
+        self, half_life_seconds: float, max_items: int = 1_000_000, refresh_seconds: float = 0.5
+    ) -> None:
         self._rate = math.log(2) / (half_life_seconds * 1000.0)
         self._counts: dict[str, float] = {}
         self._ref_ms: int | None = None
         self._max_items = max_items
+        # The ranking is recomputed at most every `refresh_seconds` while counts change:
+        # a cold-start answer per event must not sort the whole catalog.
+        self._refresh = refresh_seconds
+        self._ranked: list[tuple[str, float]] | None = None
+        self._ranked_at = 0.0
+        self._ranked_size = 0
 
     def observe(self, item_id: str, weight: float, ts_ms: int) -> None:
         if self._ref_ms is None:
@@ -52,21 +61,35 @@ class Popularity:
 
     def remove(self, item_id: str) -> None:
         self._counts.pop(item_id, None)
+        self._ranked = None  # a deleted item must never be served from the cached ranking
 
     def score(self, item_id: str) -> float:
         """The item's count relative to the most popular item, in [0, 1]."""
-        if not self._counts:
+        ranked = self._ranking(1)
+        if not ranked:
             return 0.0
-        top = max(self._counts.values())
+        top = ranked[0][1]
         return self._counts.get(item_id, 0.0) / top if top > 0 else 0.0
 
     def top(self, k: int, exclude: Collection[str] = ()) -> list[tuple[str, float]]:
         """The ``k`` most popular items not in ``exclude``, scores relative to the top item."""
+        ranked = self._ranking(k + len(exclude))
+        if not ranked:
+            return []
+        top = ranked[0][1] if ranked[0][1] > 0 else 1.0
+        return [(item, count / top) for item, count in ranked if item not in exclude][:k]
+
+    def _ranking(self, want: int) -> list[tuple[str, float]]:
+        """The most popular items, best first, at least ``want`` of them when there are."""
         if not self._counts:
             return []
-        best = heapq.nlargest(k + len(exclude), self._counts.items(), key=lambda kv: kv[1])
-        top = best[0][1] if best and best[0][1] > 0 else 1.0
-        return [(item, count / top) for item, count in best if item not in exclude][:k]
+        now = time.monotonic()
+        ranked = self._ranked
+        if ranked is None or want > self._ranked_size or now - self._ranked_at >= self._refresh:
+            size = max(want, 256)
+            ranked = heapq.nlargest(size, self._counts.items(), key=lambda kv: kv[1])
+            self._ranked, self._ranked_at, self._ranked_size = ranked, now, size
+        return ranked
 
     def __len__(self) -> int:
         return len(self._counts)
