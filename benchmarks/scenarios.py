@@ -128,7 +128,10 @@ class Session:
         """
         dep, scale = self.dep, self.scale
         n, hot = scale.http_requests, scale.http_hot
-        # Item-vector updates of the last events trail their recommendations a little.
+        # Every catalog vector that reaches the replica bumps the change counter (and so
+        # invalidates the cache): wait for the whole catalog, then for the item-vector
+        # updates of the last warm-up events, which trail their recommendations a little.
+        wait_for(lambda: self._replicated() >= scale.n_items, 120, step=1.0)
         time.sleep(2.0)
         users = list(self.source.seen_users)
         if len(users) < hot:
@@ -180,6 +183,12 @@ class Session:
             f"phase, {result.get('uncached_phase_hit_ratio')} in the uncached phase"
         )
         return result
+
+    def _replicated(self) -> int:
+        try:
+            return int(self.dep.get_json("/index").get("replicated_items") or 0)
+        except OSError:
+            return 0
 
     def _cache_counts(self) -> tuple[float, float]:
         hits = self.dep.metric("stream_knn_cache_hits_total")
