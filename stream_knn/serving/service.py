@@ -86,6 +86,7 @@ class RecommendationService(Service):
         # The cache counts on the hot path; the Prometheus counters catch up on refresh.
         self._synced_hits = 0
         self._synced_misses = 0
+        self._synced_build_errors = 0
         #: The probe sample: the first items seen, fixed for the life of the process.
         self._probe_ids: list[str] = []
         self._probe_before: (
@@ -268,6 +269,9 @@ class RecommendationService(Service):
         recall = primary.sampled_recall()
         if recall is not None:
             m.ann_recall.set(recall)
+        errors = sum(manager.build_errors for manager in self.managers.values())
+        m.index_build_errors.inc(errors - self._synced_build_errors)
+        self._synced_build_errors = errors
         m.cache_hits.inc(self.cache.hits - self._synced_hits)
         m.cache_misses.inc(self.cache.misses - self._synced_misses)
         self._synced_hits, self._synced_misses = self.cache.hits, self.cache.misses
