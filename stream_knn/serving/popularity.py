@@ -85,7 +85,14 @@ class Popularity:
             return []
         now = time.monotonic()
         ranked = self._ranked
-        if ranked is None or want > self._ranked_size or now - self._ranked_at >= self._refresh:
+        if (
+            ranked is None
+            or want > self._ranked_size
+            or now - self._ranked_at >= self._refresh
+            # The ranking held every item and items were added since: a short catalog
+            # (the start of a stream) must not serve short lists for half a second.
+            or (len(ranked) < self._ranked_size and len(self._counts) != len(ranked))
+        ):
             size = max(want, 256)
             ranked = heapq.nlargest(size, self._counts.items(), key=lambda kv: kv[1])
             self._ranked, self._ranked_at, self._ranked_size = ranked, now, size

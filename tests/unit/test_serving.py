@@ -72,3 +72,13 @@ def test_weight_functions():
     blended = apply_weight_function(found, "popularity_blend", "angular", pop, 0.9)
     assert [item for item, _ in blended] == ["b", "a"]
     assert blended[0][1] == pytest.approx(0.9)
+
+
+def test_popularity_ranking_sees_new_items_at_once_and_drops_deleted_ones():
+    pop = Popularity(half_life_seconds=10.0, refresh_seconds=60.0)
+    pop.observe("a", 1.0, 0)
+    assert [item for item, _ in pop.top(5)] == ["a"]
+    pop.observe("b", 2.0, 0)  # a new item: the cached ranking no longer covers the catalog
+    assert [item for item, _ in pop.top(5)] == ["b", "a"]
+    pop.remove("b")
+    assert [item for item, _ in pop.top(5)] == ["a"]
