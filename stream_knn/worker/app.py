@@ -50,6 +50,7 @@ from stream_knn.events.schema import (
 from stream_knn.metrics.registry import Metrics
 from stream_knn.serving.coalesce import EmitGate
 from stream_knn.serving.service import RecommendationService
+from stream_knn.worker.consumer import SeekSafeConsumer
 from stream_knn.worker.output import OutputProducer
 from stream_knn.worker.replica import VectorReplica
 from stream_knn.worker.web import register_pages
@@ -88,6 +89,20 @@ def item_partition(item_id: str, partitions: int) -> int:
     return (hashed & 0x7FFFFFFF) % partitions
 
 
+class _App(faust.App):
+    """Faust's app with a consumer that keeps read offsets honest across seeks."""
+
+    def _new_consumer(self) -> Any:
+        return SeekSafeConsumer(
+            self.transport,
+            callback=self.topics.on_message,
+            on_partitions_revoked=self._on_partitions_revoked,
+            on_partitions_assigned=self._on_partitions_assigned,
+            beacon=self.beacon,
+            loop=self.loop,
+        )
+
+
 class WorkerApp:
     """A configured Faust app plus the core objects its agents feed."""
 
@@ -117,7 +132,7 @@ class WorkerApp:
             config.model.dims, config.model.pca, config.model.pca_warmup_items, config.model.seed
         )
 
-        app = faust.App(
+        app = _App(
             w.app_id,
             broker=f"kafka://{k.bootstrap_servers}",
             store="rocksdb://",
