@@ -112,10 +112,24 @@ class EventsConfig:
 class ModelConfig:
     """Online item embeddings and user profiles."""
 
+    #: Dimension of the item vectors the index is built on.
     dims: int = 64
     seed: int = 0
-    #: Half-life of past behaviour in item vectors, seconds of event time.
-    half_life_seconds: float = 30 * 24 * 3600.0
+    #: Width of the learned item sketch (the stored item state); the ``dims``-wide index
+    #: vectors are its projection on the top principal directions, refitted from the data.
+    #: Wider means less random noise on the cosines (about ``1/sqrt(sketch_dims)``) for
+    #: ``4 * sketch_dims`` bytes per item. ``sketch_dims == dims`` means no projection.
+    sketch_dims: int = 256
+    #: Refit the sketch -> ``dims`` projection after this many item updates.
+    projection_refit_updates: int = 1_000
+    #: A worker refits at most this often (wall clock): each refit re-expresses every item
+    #: in the new basis and builds a full index version of them.
+    projection_refit_interval_seconds: float = 600.0
+    #: Items (highest recent popularity first) the projection is fitted on, at most.
+    projection_fit_max_items: int = 50_000
+    #: Half-life of past behaviour in item vectors, seconds of event time. Co-occurrence
+    #: structure moves slowly: a season, not a month (30 days lost 8% HR@10 on MovieLens).
+    half_life_seconds: float = 90 * 24 * 3600.0
     #: Half-life of past interactions in a user's query vector, seconds of event time.
     profile_half_life_seconds: float = 7 * 24 * 3600.0
     #: Recent items kept per user (query vector and exclusion list).
@@ -446,6 +460,30 @@ def _check_ranges(config: Config) -> None:
         config.broker,
     )
     _require(1 <= m.dims <= 4096, "model.dims", m.dims, "integers 1..4096")
+    _require(
+        m.dims <= m.sketch_dims <= 8192,
+        "model.sketch_dims",
+        m.sketch_dims,
+        f"integers model.dims ({m.dims})..8192",
+    )
+    _require(
+        m.projection_refit_updates >= 1,
+        "model.projection_refit_updates",
+        m.projection_refit_updates,
+        "integers >= 1",
+    )
+    _require(
+        m.projection_refit_interval_seconds > 0,
+        "model.projection_refit_interval_seconds",
+        m.projection_refit_interval_seconds,
+        "> 0",
+    )
+    _require(
+        m.projection_fit_max_items >= 1,
+        "model.projection_fit_max_items",
+        m.projection_fit_max_items,
+        "integers >= 1",
+    )
     _require(m.half_life_seconds > 0, "model.half_life_seconds", m.half_life_seconds, "> 0")
     _require(
         m.profile_half_life_seconds > 0,

@@ -2,8 +2,11 @@
 
 Used by the offline replay (prequential evaluation: recommend, then learn) and as the
 reference the worker's table-backed composition is tested against. The worker runs the
-same pieces (:class:`RandomIndexing`, :class:`CatalogFeatures`, :class:`UserProfile`,
-:func:`blend`) with RocksDB tables instead of dicts.
+same pieces (:class:`RandomIndexing`, :class:`SketchProjector`, :class:`CatalogFeatures`,
+:class:`UserProfile`, :func:`blend`) with RocksDB tables instead of dicts.
+
+Item state is a ``sketch_dims``-wide sketch; the vectors searched are its projection to
+``dims`` (see :mod:`stream_knn.embeddings.projection`), blended with catalog content.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy.typing as npt
 from stream_knn.config import EventsConfig, ModelConfig
 from stream_knn.embeddings.catalog import CatalogFeatures, Features, blend, unit
 from stream_knn.embeddings.profile import UserProfile
+from stream_knn.embeddings.projection import Projection, SketchProjector
 from stream_knn.embeddings.sketch import ItemState, RandomIndexing, activity_weight
 
 __all__ = ["StreamingModel"]
@@ -62,11 +66,11 @@ class StreamingModel:
         self.config = config
         self.events = events or EventsConfig()
         self.activity_weighting = activity_weighting
-        self.sketch = RandomIndexing(config.dims, config.seed, config.half_life_seconds)
+        self.sketch = RandomIndexing(config.sketch_dims, config.seed, config.half_life_seconds)
+        self.projector = SketchProjector(config)
         self.catalog = CatalogFeatures(
             config.dims, config.pca, config.pca_warmup_items, config.seed
         )
-        self._states: dict[str, ItemState] = {}
         self._content: dict[str, Vector] = {}
         # Raw catalog records, kept to recompute content vectors when the PCA basis changes.
         self._records: dict[str, tuple[Vector | None, dict[str, Any] | None]] = {}
@@ -95,10 +99,14 @@ class StreamingModel:
         )
         self._profiles[user_id] = profile
         scale = activity_weight(profile.version) if self.activity_weighting else 1.0
-        self._states[item_id] = self.sketch.update(
-            self._states.get(item_id), user_id, weight * scale, ts_ms
+        self.projector.set(
+            item_id,
+            self.sketch.update(self.projector.get(item_id), user_id, weight * scale, ts_ms),
         )
-        self._refresh(item_id)
+        if self.projector.refit_due and self.projector.refit():
+            self._refresh_all()
+        else:
+            self._refresh(item_id)
 
     def learn_event(
         self,
@@ -150,9 +158,8 @@ class StreamingModel:
     def delete_item(self, item_id: str) -> bool:
         """Remove everything known about an item; returns whether it existed."""
         # Pop from every store (a generator inside any() would stop at the first hit).
-        popped = [
-            store.pop(item_id, None) is not None
-            for store in (self._states, self._content, self._records)
+        popped = [self.projector.remove(item_id)] + [
+            store.pop(item_id, None) is not None for store in (self._content, self._records)
         ]
         existed = any(popped) or item_id in self._rows
         self._remove_row(item_id)
@@ -166,8 +173,13 @@ class StreamingModel:
         return None if row is None else self._matrix[row].copy()
 
     def item_state(self, item_id: str) -> ItemState | None:
-        """The item's sketch state (behaviour only), ``None`` if no event was seen."""
-        return self._states.get(item_id)
+        """The item's wide sketch state (behaviour only), ``None`` if no event was seen."""
+        return self.projector.get(item_id)
+
+    @property
+    def projection(self) -> Projection:
+        """The current sketch -> ``dims`` projection (its version counts the fits)."""
+        return self.projector.projection
 
     def item_matrix(self) -> tuple[list[str], Vector]:
         """All items that have a vector, and their unit blended vectors (copies), row-aligned."""
@@ -264,11 +276,16 @@ class StreamingModel:
         top = top[np.argsort(-scores[top], kind="stable")]
         return [(self._ids[r], float(scores[r])) for r in top.tolist()]
 
+    def _refresh_all(self) -> None:
+        # A new basis moves every behaviour vector; content-only items are unchanged.
+        # An item whose old projection was zero has no row yet: visit those too.
+        for item_id in [*self._rows, *(i for i in self.projector if i not in self._rows)]:
+            self._refresh(item_id)
+
     def _refresh(self, item_id: str) -> None:
-        state = self._states.get(item_id)
         vector = unit(
             blend(
-                None if state is None else state.vector,
+                self.projector.project(item_id),
                 self._content.get(item_id),
                 self.config.catalog_weight,
             )

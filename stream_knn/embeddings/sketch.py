@@ -130,7 +130,7 @@ class ItemState:
         if len(data) != expected:
             raise DimensionError(
                 f"stored item state has {len(data)} bytes, expected {expected} for "
-                f"dims={dims}; was it written with another model.dims?"
+                f"dims={dims}; was it written with another model.sketch_dims?"
             )
         version, last_ts_ms, count, popularity = _HEADER.unpack_from(data)
         if version != _FORMAT_VERSION:

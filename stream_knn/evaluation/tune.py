@@ -112,6 +112,14 @@ def default_space(config: Config, events: Sequence[EventLike]) -> SearchSpace:
     return SearchSpace(model=space, ks=ks)
 
 
+def _with_params(base: Config, params: Mapping[str, float | int]) -> Config:
+    """``base`` with the trial's settings; the sketch widens to ``dims`` when narrower."""
+    dims = params.get("model__dims")
+    if dims is not None and dims > base.model.sketch_dims:
+        return base.replace(**params, model__sketch_dims=int(dims))
+    return base.replace(**params)
+
+
 def _with_first(first: float | int, values: tuple[float | int, ...]) -> tuple[float | int, ...]:
     return (first, *(v for v in values if v != first))
 
@@ -258,7 +266,7 @@ def tune(
     best_model: StreamingModel | None = None
     best_score = -1.0
     for number, params in enumerate(points, start=1):
-        config = base.replace(**params)
+        config = _with_params(base, params)
         weights = [event_weight(e, config.events) for e in events]
         method = StreamingModelMethod(StreamingModel(config.model, config.events))
         t0 = time.perf_counter()
@@ -294,7 +302,7 @@ def tune(
     points_ix, chosen, exact_us = sweep_index(
         best_model, users, space, now_ms=now_ms, seed=seed, progress=progress
     )
-    config = base.replace(**best.params, serving__k=best_k)
+    config = _with_params(base, best.params).replace(serving__k=best_k)
     if chosen is not None:
         config = config.replace(
             index__metric=chosen.metric,

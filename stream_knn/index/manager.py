@@ -128,6 +128,14 @@ def _index_matrix(index: Index) -> npt.NDArray[np.float32]:
     return np.stack(rows).astype(np.float32, copy=False)
 
 
+#: File of an index version holding the embedding basis its vectors are expressed in.
+BASIS_FILE = "basis.bin"
+
+
+def _basis_file(basis: bytes | None) -> dict[str, bytes]:
+    return {} if basis is None else {BASIS_FILE: basis}
+
+
 def _unit(matrix: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
     norms[norms == 0.0] = 1.0
@@ -198,6 +206,9 @@ class IndexManager:
         self._recall: deque[float] = deque(maxlen=_RECALL_WINDOW)
         self._rng = random.Random()
         self._oracle: tuple[_Live, ExactIndex] | None = None
+        #: What the vectors' coordinates mean (an opaque embedding basis from the caller),
+        #: saved with every version and read back on a warm start; None: not recorded.
+        self.basis: bytes | None = None
 
     # -- properties ------------------------------------------------------------------
 
@@ -285,6 +296,68 @@ class IndexManager:
             self._tombstones.add(item_id)
             self._dirty.add(item_id)
             return True
+
+    def replace_all(
+        self, vectors: dict[str, npt.NDArray[np.float32]], basis: bytes | None = None
+    ) -> VersionInfo:
+        """Switch every item vector at once (a new embedding basis) and serve a version of them.
+
+        The version is built from ``vectors`` in the caller's thread; until it is built,
+        searches and :meth:`vector` keep answering from the old vectors, so a query never
+        mixes the two bases. The caller must not :meth:`upsert` meanwhile (those vectors
+        would be in the old basis). Items not in ``vectors`` are dropped, like deletes.
+        ``basis`` (saved with this and every later version) names the new basis.
+
+        Raises
+        ------
+        DimensionError
+            If a vector does not have ``dims`` finite values.
+        StreamKnnError, OSError
+            If the build or the write fails (nothing is switched then).
+        """
+        fresh: dict[str, npt.NDArray[np.float32]] = {}
+        for item_id, vector in vectors.items():
+            vec = as_query(vector, self.dims).copy()
+            vec.setflags(write=False)
+            fresh[item_id] = vec
+        ids = list(fresh)
+        matrix = np.stack([fresh[i] for i in ids]) if ids else np.empty((0, self.dims), np.float32)
+        with self._build_lock:
+            self._last_build_started = time.monotonic()
+            index = make_index(self.config, self.dims)
+            started = time.perf_counter()
+            try:
+                index.build(ids, matrix)
+                seconds = time.perf_counter() - started
+                info = self.store.write(index, seconds, _basis_file(basis))
+            except (StreamKnnError, OSError) as exc:
+                with self._lock:
+                    self._build_errors += 1
+                logger.error("index build (new basis) failed: %s", exc)
+                raise
+            self._last_build_seconds = seconds
+            positions = {item_id: pos for pos, item_id in enumerate(index.ids)}
+            with self._lock:
+                old = self._live
+                dropped = set(self._vectors) | set(positions if old is None else old.positions)
+                self._tombstones |= dropped - set(fresh)
+                self._seq += 1
+                self.basis = basis
+                self._vectors = fresh
+                self._live = _Live(info, index, positions, matrix)
+                self._changed = {}
+                self._dirty = set()
+                self._delta = _Delta(self.dims, self.metric)
+            logger.info(
+                "built index version %d (new basis): %d items in %.2fs",
+                info.version,
+                len(ids),
+                seconds,
+                extra={"version": info.version},
+            )
+            self._notify_swap(info, None if old is None else old.info)
+            self.store.prune(protect=(info.version,))
+            return info
 
     def vectors_snapshot(self) -> dict[str, npt.NDArray[np.float32]]:
         """A copy of the current item vectors (the arrays are read-only, not copied)."""
@@ -388,6 +461,7 @@ class IndexManager:
         if loaded is None:
             loaded = self.store.latest_valid(dims=self.dims, metric=self.metric)
         if loaded is not None:
+            self.basis = self.store.read_extra(loaded[0].version, BASIS_FILE)
             self._adopt(*loaded)
             logger.info("warm start from index version %d", loaded[0].version)
         self._pinned = pinned
@@ -471,6 +545,7 @@ class IndexManager:
                 self._requested = False
                 snap_seq = self._seq
                 snapshot = dict(self._vectors)
+                basis = self.basis
                 dirty, self._dirty = self._dirty, set()
                 self._last_build_started = time.monotonic()
             ids = list(snapshot)
@@ -484,7 +559,7 @@ class IndexManager:
                 started = time.perf_counter()
                 index.build(ids, matrix)
                 seconds = time.perf_counter() - started
-                info = self.store.write(index, seconds)
+                info = self.store.write(index, seconds, _basis_file(basis))
             except (StreamKnnError, OSError) as exc:
                 with self._lock:
                     self._build_errors += 1
@@ -585,6 +660,12 @@ class IndexManager:
             loaded = self.store.latest_valid(dims=self.dims, metric=self.metric)
             logger.info("index unpinned; serving the newest valid version")
         if loaded is not None and loaded[0].version != self.version:
+            if self.store.read_extra(loaded[0].version, BASIS_FILE) != self.basis:
+                logger.warning(
+                    "index version %d was built in another embedding basis than the current "
+                    "vectors: its answers are approximate until the next basis refit",
+                    loaded[0].version,
+                )
             self._adopt(*loaded)
 
     def _notify_swap(self, new: VersionInfo, old: VersionInfo | None) -> None:

@@ -241,8 +241,13 @@ class IndexStore:
 
     # -- writing ---------------------------------------------------------------------
 
-    def write(self, index: Index, build_seconds: float) -> VersionInfo:
+    def write(
+        self, index: Index, build_seconds: float, extras: Mapping[str, bytes] | None = None
+    ) -> VersionInfo:
         """Save ``index`` as the next version, atomically (temp dir, then ``os.rename``).
+
+        ``extras`` are more files of the version (name -> content), checksummed with the
+        index files: what the vectors mean, e.g. the embedding basis they are expressed in.
 
         Raises
         ------
@@ -259,6 +264,8 @@ class IndexStore:
             self.root.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
             index.save(tmp)
+            for name, content in (extras or {}).items():
+                (tmp / name).write_bytes(content)
             # No fsync: a version torn by a crash fails its checksum and is skipped.
             files = {name: _sha256(tmp / name) for name in sorted(os.listdir(tmp))}
             created = datetime.now(UTC)
@@ -293,6 +300,14 @@ class IndexStore:
             extra={"version": version},
         )
         return _read_meta(final)
+
+    def read_extra(self, version: int, name: str) -> bytes | None:
+        """A file :meth:`write` saved with ``extras``; ``None`` if the version has none."""
+        path = self.path_of(version) / name
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
 
     def prune(self, protect: Collection[int] = ()) -> list[int]:
         """Remove all but the newest ``keep_versions`` versions; return the removed ones.

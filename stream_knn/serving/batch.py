@@ -34,6 +34,7 @@ from tqdm import tqdm
 from stream_knn.config import Config
 from stream_knn.embeddings.profile import UserProfile
 from stream_knn.errors import BrokerError, DataFormatError, DimensionError
+from stream_knn.index.manager import BASIS_FILE
 from stream_knn.metrics.registry import Metrics
 from stream_knn.serving.service import RecommendationService
 from stream_knn.worker.replica import VectorReplica
@@ -364,6 +365,14 @@ class BatchRecommender:
         """
         if self._started:
             raise RuntimeError("load_items() must come before start()")
+        # Project the states in the basis of the version start() will serve.
+        primary = self.service.primary
+        saved = primary.store.pinned()
+        if saved is None:
+            latest = primary.store.latest_valid(dims=primary.dims, metric=primary.metric)
+            saved = None if latest is None else latest[0].version
+        if saved is not None:
+            self._replica.adopt_basis(primary.store.read_extra(saved, BASIS_FILE))
         for key, value in behaviour.items():
             self._replica.apply(self.behaviour_topic, key, value)
         for key, value in content.items():
@@ -379,6 +388,11 @@ class BatchRecommender:
         for manager in self.service.managers.values():
             manager.start()
             manager.stop()
+        if self.service.primary.version is None and self._replica.refit_now():
+            # No saved version: fit the basis on the loaded states, as a worker does once
+            # it has caught up; that also built and saved a version of every index.
+            logger.info("no saved index: fitted an embedding basis and built a version")
+        for manager in self.service.managers.values():
             if manager.version is None and manager.item_count:
                 info = manager.rebuild_now(wait=True)
                 logger.info(

@@ -92,6 +92,8 @@ class RecommendationService(Service):
         self._probe_before: (
             tuple[dict[str, npt.NDArray[np.float32]], dict[str, list[str]]] | None
         ) = None
+        #: Set by :meth:`replace_all`: the next swap changes the basis of every vector.
+        self._basis_changed = False
 
     async def on_start(self) -> None:
         for manager in self.managers.values():
@@ -108,6 +110,23 @@ class RecommendationService(Service):
             manager.upsert(item_id, vector)
         if len(self._probe_ids) < self.config.drift.probe_items and item_id not in self._probe_ids:
             self._probe_ids.append(item_id)
+
+    def replace_all(
+        self, vectors: dict[str, npt.NDArray[np.float32]], basis: bytes | None = None
+    ) -> None:
+        """Serve a new embedding basis: every manager switches all its vectors at once.
+
+        Blocks while the versions build (call it off the event loop). Embedding drift is
+        not measured across the switch (the coordinates changed meaning); neighbour drift
+        is, as the neighbours of an item do not depend on the basis.
+        """
+        self._basis_changed = True
+        for manager in self.managers.values():
+            manager.replace_all(vectors, basis)
+
+    def pinned(self) -> bool:
+        """Whether any index manager serves a pinned version."""
+        return any(m.pinned is not None for m in self.managers.values())
 
     def delete(self, item_id: str) -> None:
         for manager in self.managers.values():
@@ -232,9 +251,22 @@ class RecommendationService(Service):
             if found is not None:
                 neighbours[item_id] = [other for other, _ in found]
         before, self._probe_before = self._probe_before, (vectors, neighbours)
+        basis_changed, self._basis_changed = self._basis_changed, False
         if before is None or not vectors or not before[0]:
             return
         old_vectors, old_neighbours = before
+        if basis_changed:
+            moved = neighbour_drift(old_neighbours, neighbours)
+            if np.isfinite(moved):
+                self.metrics.neighbour_drift.set(moved)
+            logger.info(
+                "index version %s: new embedding basis; neighbour drift %.3f, embedding "
+                "drift not comparable across the switch",
+                version,
+                moved,
+                extra={"version": version},
+            )
+            return
         old_ids = list(old_vectors)
         new_ids = list(vectors)
         drift = embedding_drift(

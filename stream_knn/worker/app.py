@@ -117,7 +117,7 @@ class WorkerApp:
         self.broker_ok_at = time.time()
 
         self.sketch = RandomIndexing(
-            config.model.dims, config.model.seed, config.model.half_life_seconds
+            config.model.sketch_dims, config.model.seed, config.model.half_life_seconds
         )
         self.service = RecommendationService(config, self.data_dir / "index", self.metrics)
         self.replica = VectorReplica(config, self.service)
@@ -376,7 +376,7 @@ class WorkerApp:
 
     async def _on_item_updates(self, stream: Any) -> None:
         """Apply item updates, one table read and write per item per batch."""
-        dims = self.config.model.dims
+        sketch_dims = self.config.model.sketch_dims
         async for events in stream.take_events(_BATCH_EVENTS, within=_BATCH_SECONDS):
             merged: dict[str, tuple[list[str], list[float], list[int]]] = {}
             deleted: set[str] = set()
@@ -400,7 +400,7 @@ class WorkerApp:
                 key = item_id.encode()
                 with _event_context(stream, last_event[item_id]):
                     raw = self.items.get(key)
-                    state = ItemState.from_bytes(raw, dims) if raw else None
+                    state = ItemState.from_bytes(raw, sketch_dims) if raw else None
                     state = self.sketch.update_many(state, users, weights, times)
                     self.items[key] = state.to_bytes()
 

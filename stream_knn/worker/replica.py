@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import numpy as np
 import numpy.typing as npt
@@ -19,6 +20,7 @@ from aiokafka.errors import KafkaError
 from stream_knn.config import Config
 from stream_knn.embeddings.catalog import blend
 from stream_knn.embeddings.codec import decode_vector
+from stream_knn.embeddings.projection import Projection, SketchProjector
 from stream_knn.embeddings.sketch import ItemState
 from stream_knn.errors import DimensionError
 from stream_knn.serving.service import RecommendationService
@@ -37,14 +39,22 @@ class VectorReplica:
         app_id = config.worker.app_id
         self.behaviour_topic = f"{app_id}-item-vectors-changelog"
         self.content_topic = f"{app_id}-item-contents-changelog"
-        self.behaviour: dict[str, npt.NDArray[np.float32]] = {}
+        #: Wide behaviour states and their projection to the index dimension.
+        self.projector = SketchProjector(config.model)
         self.content: dict[str, npt.NDArray[np.float32]] = {}
         self.caught_up = False
         self.records = 0
+        self.refits = 0
+        self._last_refit: float | None = None
         self._consumer: AIOKafkaConsumer | None = None
 
     async def run(self) -> None:
         cfg = self.config
+        # The saved index version the service warm-started from was built in some basis:
+        # project the replayed states the same way, or queries would mix two bases.
+        while not self.service.started:
+            await asyncio.sleep(0.05)
+        self.adopt_basis(self.service.primary.basis)
         consumer = AIOKafkaConsumer(
             bootstrap_servers=cfg.kafka.bootstrap_servers,
             group_id=None,
@@ -72,6 +82,8 @@ class VectorReplica:
                 if not self.caught_up and not pending:
                     self.caught_up = True
                     logger.info("item vectors replicated: %d items", len(self.known_items()))
+                if self.caught_up:
+                    await self.maybe_refit()
                 self.service.metrics.items.set(len(self.known_items()))
         finally:
             self._consumer = None
@@ -113,7 +125,81 @@ class VectorReplica:
             await asyncio.sleep(0.5)
 
     def known_items(self) -> set[str]:
-        return self.behaviour.keys() | self.content.keys()
+        return set(self.projector) | self.content.keys()
+
+    def _blended(self, item_id: str) -> npt.NDArray[np.float32] | None:
+        return blend(
+            self.projector.project(item_id),
+            self.content.get(item_id),
+            self.config.model.catalog_weight,
+        )
+
+    def adopt_basis(self, basis: bytes | None) -> bool:
+        """Project with the basis saved with an index version; False if there is none or
+        it does not fit this configuration (then the current projection stays)."""
+        if basis is None:
+            return False
+        try:
+            projection = Projection.from_bytes(basis)
+        except DimensionError as exc:
+            logger.error("ignoring the saved embedding basis: %s", exc)
+            return False
+        model = self.config.model
+        if (projection.sketch_dims, projection.dims) != (model.sketch_dims, model.dims):
+            logger.error(
+                "ignoring the saved embedding basis: it maps %d to %d dims, the configuration "
+                "%d (model.sketch_dims) to %d (model.dims)",
+                projection.sketch_dims,
+                projection.dims,
+                model.sketch_dims,
+                model.dims,
+            )
+            return False
+        self.projector.projection = projection
+        logger.info("projecting with the saved embedding basis version %d", projection.version)
+        return True
+
+    def refit_now(self) -> bool:
+        """Refit the projection and serve every item in the new basis (blocking: index
+        builds); False when no new basis was fitted (no items, or ``sketch_dims == dims``)."""
+        if not self.projector.refit():
+            return False
+        vectors = {}
+        for item_id in self.known_items():
+            vector = self._blended(item_id)
+            if vector is not None:
+                vectors[item_id] = vector
+        self.service.replace_all(vectors, self.projector.projection.to_bytes())
+        return True
+
+    async def maybe_refit(self, force: bool = False) -> bool:
+        """Refit the projection when it is due and the interval allows; True if refitted.
+
+        The fit and the index builds run in a thread; meanwhile this replica applies no
+        records (they wait in Kafka), so nothing is upserted in the old basis.
+        """
+        projector = self.projector
+        interval = self.config.model.projection_refit_interval_seconds
+        now = time.monotonic()
+        if not force:
+            if not projector.refit_due:
+                return False
+            if self._last_refit is not None and now - self._last_refit < interval:
+                return False
+        if self.service.pinned():
+            return False  # a pinned version is served as is; its basis must stay
+        self._last_refit = now
+        started = time.perf_counter()
+        changed = await asyncio.to_thread(self.refit_now)
+        if changed:
+            self.refits += 1
+            logger.info(
+                "projection version %d: %d items re-expressed and indexed in %.2f s",
+                projector.projection.version,
+                len(projector),
+                time.perf_counter() - started,
+            )
+        return changed
 
     def apply(self, topic: str, key: bytes | None, value: bytes | None) -> None:
         """Apply one changelog record (``value`` None is a tombstone) to the service.
@@ -124,30 +210,27 @@ class VectorReplica:
         if key is None:
             return
         item_id = key.decode()
-        dims = self.config.model.dims
+        model = self.config.model
         behaviour = topic == self.behaviour_topic
-        store = self.behaviour if behaviour else self.content
         self.records += 1
         if value is None:
-            store.pop(item_id, None)
             if behaviour:
+                self.projector.remove(item_id)
                 self.service.popularity.remove(item_id)
+            else:
+                self.content.pop(item_id, None)
         else:
             try:
                 if behaviour:
-                    state = ItemState.from_bytes(value, dims)
-                    store[item_id] = state.vector
+                    state = ItemState.from_bytes(value, model.sketch_dims)
+                    self.projector.set(item_id, state)
                     self.service.popularity.set(item_id, state.popularity, state.last_ts_ms)
                 else:
-                    store[item_id] = decode_vector(value, dims)
+                    self.content[item_id] = decode_vector(value, model.dims)
             except DimensionError as exc:
                 logger.error("skipping item %s from %s: %s", item_id, topic, exc)
                 return
-        vector = blend(
-            self.behaviour.get(item_id),
-            self.content.get(item_id),
-            self.config.model.catalog_weight,
-        )
+        vector = self._blended(item_id)
         if vector is None:
             self.service.delete(item_id)
         else:

@@ -142,15 +142,17 @@ class WorkerEnv:
 class WorkerProcess:
     """``stream-knn worker`` as a user runs it, in a subprocess."""
 
-    def __init__(self, env: WorkerEnv, log_path: Path) -> None:
+    def __init__(self, env: WorkerEnv, log_path: Path, config_file: Path | None = None) -> None:
         self.env = env
         self.log_path = log_path
+        self.config_file = config_file
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait_ready: bool = True, timeout_s: float = 120.0) -> WorkerProcess:
         with open(self.log_path, "ab") as log:
+            config = [] if self.config_file is None else ["--config", str(self.config_file)]
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stream_knn.cli", "worker"],
+                [sys.executable, "-m", "stream_knn.cli", *config, "worker"],
                 env=self.env.env(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -205,8 +207,8 @@ def worker_env(kafka_bootstrap: str, tmp_path: Path) -> WorkerEnv:
 def run_worker(worker_env: WorkerEnv, tmp_path: Path) -> Iterator[Any]:
     started: list[WorkerProcess] = []
 
-    def _start(wait_ready: bool = True) -> WorkerProcess:
-        proc = WorkerProcess(worker_env, tmp_path / f"worker-{len(started)}.log")
+    def _start(wait_ready: bool = True, config_file: Path | None = None) -> WorkerProcess:
+        proc = WorkerProcess(worker_env, tmp_path / f"worker-{len(started)}.log", config_file)
         started.append(proc)
         return proc.start(wait_ready=wait_ready)
 

@@ -101,7 +101,9 @@ def _profile_of(events: list[UserEvent], config: Config) -> UserProfile:
 
 def _reference(values: list[bytes], config: Config) -> _Reference:
     events = _parse(values, config)
-    sketch = RandomIndexing(config.model.dims, config.model.seed, config.model.half_life_seconds)
+    sketch = RandomIndexing(
+        config.model.sketch_dims, config.model.seed, config.model.half_life_seconds
+    )
     by_user: dict[str, list[UserEvent]] = {}
     by_item: dict[str, list[UserEvent]] = {}
     items: dict[str, ItemState] = {}
@@ -251,7 +253,9 @@ def _actual_state(env: Any, config: Config) -> tuple[dict[str, UserProfile], dic
     raw_profiles = _read_compacted(env.bootstrap, f"{env.app_id}-user-profiles-changelog")
     raw_items = _read_compacted(env.bootstrap, f"{env.app_id}-item-vectors-changelog")
     profiles = {k.decode(): UserProfile.from_bytes(v) for k, v in raw_profiles.items()}
-    items = {k.decode(): ItemState.from_bytes(v, config.model.dims) for k, v in raw_items.items()}
+    items = {
+        k.decode(): ItemState.from_bytes(v, config.model.sketch_dims) for k, v in raw_items.items()
+    }
     return profiles, items
 
 
@@ -291,7 +295,9 @@ def _item_excess(
 ) -> tuple[np.ndarray[Any, Any], float]:
     """Coefficients of ``actual - reference`` over the item's users' vectors, and the
     residual of that fit relative to the reference vector norm."""
-    sketch = RandomIndexing(config.model.dims, config.model.seed, config.model.half_life_seconds)
+    sketch = RandomIndexing(
+        config.model.sketch_dims, config.model.seed, config.model.half_life_seconds
+    )
     users = sorted({ev.user_id for ev in ref.by_item[item]})
     basis = np.stack([sketch.user_vector(u) for u in users], axis=1).astype(np.float64)
     expected = ref.items[item]

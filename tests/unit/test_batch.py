@@ -103,6 +103,8 @@ def test_cli_errors_before_touching_kafka(
 def _config(tmp_path: Path, **changes: object) -> Config:
     return Config().replace(
         model__dims=DIMS,
+        # Item states as wide as the index vectors: no projection, vectors as written.
+        model__sketch_dims=DIMS,
         worker__data_dir=tmp_path / "state",
         index__n_trees=5,
         index__recall_sample_rate=0.0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ import stream_knn.index.manager as manager_module
 from stream_knn.config import IndexConfig
 from stream_knn.errors import DimensionError, IndexError_
 from stream_knn.index import ExactIndex, Index, IndexManager, IndexStore, VersionInfo
+from stream_knn.index.manager import BASIS_FILE
 
 DIMS = 4
 QUIET = {"rebuild_interval_seconds": 3600.0, "rebuild_min_changes": 10_000}
@@ -253,12 +254,17 @@ def test_failed_write_keeps_the_old_version_serving_and_counts_an_error(
 
 def _failing_write(
     save: Callable[[Path], None],
-) -> Callable[[IndexStore, Index, float], VersionInfo]:
+) -> Callable[..., VersionInfo]:
     real = IndexStore.write
 
-    def write(self: IndexStore, index: Index, build_seconds: float) -> VersionInfo:
+    def write(
+        self: IndexStore,
+        index: Index,
+        build_seconds: float,
+        extras: Mapping[str, bytes] | None = None,
+    ) -> VersionInfo:
         setattr(index, "save", save)  # noqa: B010 - replacing a method of one instance
-        return real(self, index, build_seconds)
+        return real(self, index, build_seconds, extras)
 
     return write
 
@@ -303,3 +309,53 @@ def test_sampled_recall_compares_with_exact_search(tmp_path: Path) -> None:
     recall = poor.sampled_recall()
     assert recall is not None
     assert recall < 0.9
+
+
+# -- a new embedding basis ------------------------------------------------------------------
+
+
+def test_replace_all_serves_the_new_vectors_at_once_and_saves_their_basis(
+    tmp_path: Path,
+) -> None:
+    m = IndexManager(_config(), tmp_path, DIMS)
+    m.upsert("a", _vec(1, 0, 0, 0))
+    m.upsert("b", _vec(0, 1, 0, 0))
+    m.upsert("gone", _vec(0, 0, 1, 0))
+    m.rebuild_now()
+    m.upsert("b", _vec(0, 2, 0, 0))  # pending in the delta of version 1
+    info = m.replace_all({"a": _vec(0, 0, 0, 1), "b": _vec(0, 0, 1, 0)}, basis=b"basis-2")
+    assert (info.version, m.version, m.item_count, m.pending_items) == (2, 2, 2, 0)
+    assert m.basis == b"basis-2"
+    a = m.vector("a")
+    assert a is not None and a.tolist() == [0, 0, 0, 1]
+    # Only the new vectors answer; an item left out is gone like a delete.
+    assert [i for i, _ in m.search(_vec(0, 0, 1, 0), 3)] == ["b", "a"]
+    assert m.vector("gone") is None
+    assert m.store.read_extra(2, BASIS_FILE) == b"basis-2"
+    # Later versions keep the basis; a warm start reads it back.
+    m.upsert("c", _vec(0, 0, 1, 1))
+    m.rebuild_now()
+    assert m.store.read_extra(3, BASIS_FILE) == b"basis-2"
+    warm = IndexManager(_config(), tmp_path, DIMS)
+    warm.start()
+    try:
+        assert (warm.version, warm.basis) == (3, b"basis-2")
+    finally:
+        warm.stop()
+
+
+def test_replace_all_that_fails_to_build_switches_nothing(tmp_path: Path) -> None:
+    m = IndexManager(_config(), tmp_path, DIMS)
+    m.upsert("a", _vec(1, 0, 0, 0))
+    m.rebuild_now()
+
+    def full(directory: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(IndexStore, "write", _failing_write(full))
+        with pytest.raises(IndexError_, match="No space left"):
+            m.replace_all({"a": _vec(0, 1, 0, 0)}, basis=b"new")
+    assert (m.version, m.basis, m.build_errors) == (1, None, 1)
+    a = m.vector("a")
+    assert a is not None and a.tolist() == [1, 0, 0, 0]
