@@ -24,7 +24,7 @@ def bench_core(n_events: int, n_users: int, n_items: int) -> dict[str, Any]:
     """
     config = Config()
     m = config.model
-    sketch = RandomIndexing(m.dims, m.seed, m.half_life_seconds)
+    sketch = RandomIndexing(m.sketch_dims, m.seed, m.half_life_seconds)
     stream = SyntheticStream(n_users=n_users, n_items=n_items, n_clusters=50, seed=7)
     events = [
         (e["user_id"], e["item_id"], e["event_type"], e["ts"]) for e in stream.events(n_events)
@@ -40,7 +40,7 @@ def bench_core(n_events: int, n_users: int, n_items: int) -> dict[str, Any]:
         profile = profile.add(item_id, ts, weight, m.profile_max_items, m.profile_half_life_seconds)
         profiles[user_id] = profile.to_bytes()
         raw_item = items.get(item_id)
-        state = ItemState.from_bytes(raw_item, m.dims) if raw_item else None
+        state = ItemState.from_bytes(raw_item, m.sketch_dims) if raw_item else None
         items[item_id] = sketch.update(state, user_id, weight, ts).to_bytes()
     seconds = time.perf_counter() - started
     item_bytes = float(np.mean([len(v) for v in items.values()]))
