@@ -148,7 +148,7 @@ class UserProfile:
             kept = [p for p, ok in zip(kept, usable.tolist(), strict=True) if ok]
         if not kept:
             return None
-        total = (coefficients[kept] / norms) @ matrix
+        total: npt.NDArray[np.float64] = (coefficients[kept] / norms) @ matrix
         if not np.any(total):
             return None
         return total.astype(np.float32)
