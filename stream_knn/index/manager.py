@@ -18,7 +18,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +51,38 @@ class _Live:
     index: Index
     positions: dict[str, int]
     matrix: npt.NDArray[np.float32]
+
+
+class _Hidden(Collection[str]):
+    """A view of the ids a live-index search skips: the caller's exclusions, items changed
+    since the build and deleted items (no copy of the sets per query).
+
+    ``len`` is what sizes the first over-fetch of :func:`filtered_search`: every caller
+    exclusion (a user's recent items rank high), but at most ``2 * k`` of the changed and
+    deleted ids, which may be thousands of which few rank high; a short result fetches
+    again, wider. Only the event-loop thread mutates the parts, and it is the one searching.
+    """
+
+    __slots__ = ("_changed", "_dead", "_exclude", "_k")
+
+    def __init__(
+        self, exclude: Collection[str], changed: Collection[str], dead: Collection[str], k: int
+    ) -> None:
+        self._exclude, self._changed, self._dead, self._k = exclude, changed, dead, k
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._changed or item in self._exclude or item in self._dead
+
+    def __len__(self) -> int:
+        return len(self._exclude) + min(len(self._changed) + len(self._dead), 2 * self._k)
+
+    def __iter__(self) -> Iterator[str]:
+        seen: set[str] = set()
+        for part in (self._exclude, self._changed, self._dead):
+            for item in part:
+                if item not in seen:
+                    seen.add(item)
+                    yield item
 
 
 class _Delta:
@@ -387,20 +419,20 @@ class IndexManager:
         if k <= 0:
             return []
         live = self._live
-        n = k
         while True:
-            # The immutable live index is searched without the lock.
-            found = [] if live is None else live.index.search(q, n, exclude)
+            with self._lock:
+                live = self._live
+                changed, dead = self._changed, self._tombstones
+            # The immutable live index is searched without the lock. Items changed since
+            # its build are skipped there in one pass (their current vectors are searched
+            # exactly in the delta): no repeated, ever wider searches when a user's query
+            # sits among the items that user has just moved.
+            hidden = _Hidden(exclude, changed, dead, k)
+            found = [] if live is None else live.index.search(q, k, hidden)
             with self._lock:
                 if live is not self._live:  # swapped meanwhile: start over on the new one
-                    live, n = self._live, k
                     continue
-                changed, dead = self._changed, self._tombstones
-                kept = [(i, s) for i, s in found if i not in changed and i not in dead]
-                if len(kept) < k and len(found) == n and live is not None and n < len(live.index):
-                    n = min(2 * n, len(live.index))
-                    continue
-                merged = kept + self._delta.search(q, k, exclude)
+                merged = found + self._delta.search(q, k, exclude)
                 merged.sort(key=lambda pair: -pair[1])
                 result = merged[:k]
                 if self.config.recall_sample_rate > 0 and (

@@ -46,6 +46,7 @@ class VectorReplica:
         self.records = 0
         self.refits = 0
         self._last_refit: float | None = None
+        self._gauge_due = 0.0
         self._consumer: AIOKafkaConsumer | None = None
 
     async def run(self) -> None:
@@ -84,7 +85,10 @@ class VectorReplica:
                     logger.info("item vectors replicated: %d items", len(self.known_items()))
                 if self.caught_up:
                     await self.maybe_refit()
-                self.service.metrics.items.set(len(self.known_items()))
+                if time.monotonic() >= self._gauge_due:
+                    # Counting means a union of the id sets: once a second, not per batch.
+                    self._gauge_due = time.monotonic() + 1.0
+                    self.service.metrics.items.set(len(self.known_items()))
         finally:
             self._consumer = None
             await consumer.stop()

@@ -359,3 +359,26 @@ def test_replace_all_that_fails_to_build_switches_nothing(tmp_path: Path) -> Non
     assert (m.version, m.basis, m.build_errors) == (1, None, 1)
     a = m.vector("a")
     assert a is not None and a.tolist() == [1, 0, 0, 0]
+
+
+def test_search_among_many_changed_items_equals_an_exact_search_of_the_current_vectors(
+    tmp_path: Path,
+) -> None:
+    # Items a user has just moved sit nearest that user's query: the live index must skip
+    # them (stale) and the delta answer them, in one pass, with nothing missing.
+    m = IndexManager(_config(backend="exact"), tmp_path, DIMS)
+    items = _items(200, seed=5)
+    for item_id, vector in items.items():
+        m.upsert(item_id, vector)
+    m.rebuild_now()
+    query = _vec(1, 1, 0, 0)
+    rng = np.random.default_rng(9)
+    for n in range(60):  # 60 items moved next to the query after the build
+        moved = (query + rng.normal(0, 0.05, DIMS)).astype(np.float32)
+        items[f"i{n}"] = moved
+        m.upsert(f"i{n}", moved)
+    found = m.search(query, 10, exclude={"i0", "i150"})
+    ids = [i for i in items if i not in {"i0", "i150"}]
+    distances = np.linalg.norm(np.stack([items[i] for i in ids]) - query, axis=1)
+    expected = [ids[p] for p in np.argsort(distances, kind="stable")[:10]]
+    assert [i for i, _ in found] == expected
