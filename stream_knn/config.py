@@ -161,6 +161,9 @@ class IndexConfig:
     rebuild_min_changes: int = 5_000
     #: The exact-search delta may not grow past this; reaching it forces a rebuild.
     max_delta_items: int = 20_000
+    #: ... nor past this share of the live index's items (at least 100 items): once most
+    #: items a query meets are stale in the live index, searching it is mostly wasted.
+    max_delta_share: float = 0.25
     keep_versions: int = 5
     #: Share of live queries also answered exactly, for the sampled recall metric.
     recall_sample_rate: float = 0.01
@@ -503,6 +506,9 @@ def _check_ranges(config: Config) -> None:
     )
     _require(ix.keep_versions >= 1, "index.keep_versions", ix.keep_versions, "integers >= 1")
     _require(ix.max_delta_items >= 1, "index.max_delta_items", ix.max_delta_items, ">= 1")
+    _require(
+        0.0 < ix.max_delta_share <= 1.0, "index.max_delta_share", ix.max_delta_share, "0 < x <= 1"
+    )
     _require(
         0.0 <= ix.recall_sample_rate <= 1.0,
         "index.recall_sample_rate",

@@ -160,6 +160,9 @@ def _index_matrix(index: Index) -> npt.NDArray[np.float32]:
     return np.stack(rows).astype(np.float32, copy=False)
 
 
+#: The smallest delta that forces a build through ``index.max_delta_share``.
+_MIN_DELTA_LIMIT = 100
+
 #: File of an index version holding the embedding basis its vectors are expressed in.
 BASIS_FILE = "basis.bin"
 
@@ -538,9 +541,19 @@ class IndexManager:
         if self._pinned is not None or time.monotonic() < self._retry_after:
             return False
         return (
-            len(self._delta) >= self.config.max_delta_items
+            len(self._delta) >= self._delta_limit()
             or len(self._dirty) >= self.config.rebuild_min_changes
         )
+
+    def _delta_limit(self) -> int:
+        """Delta size that forces a build: ``max_delta_items``, or ``max_delta_share`` of
+        the live items if fewer (never under 100); caller holds the lock."""
+        live = self._live
+        limit = self.config.max_delta_items
+        if live is not None:
+            share = int(self.config.max_delta_share * len(live.positions))
+            limit = min(limit, max(_MIN_DELTA_LIMIT, share))
+        return limit
 
     def _due(self) -> str | None:
         with self._lock:
@@ -548,7 +561,7 @@ class IndexManager:
                 return "requested"
             if not self._dirty or time.monotonic() < self._retry_after:
                 return None
-            if self._pinned is None and len(self._delta) >= self.config.max_delta_items:
+            if self._pinned is None and len(self._delta) >= self._delta_limit():
                 return "max_delta_items"
             if self._pinned is None and len(self._dirty) >= self.config.rebuild_min_changes:
                 return "rebuild_min_changes"
