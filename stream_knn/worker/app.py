@@ -38,6 +38,7 @@ from stream_knn.embeddings.catalog import CatalogFeatures
 from stream_knn.embeddings.codec import encode_vector
 from stream_knn.embeddings.profile import UserProfile
 from stream_knn.embeddings.sketch import ItemState, RandomIndexing
+from stream_knn.errors import DimensionError
 from stream_knn.events.schema import (
     CatalogRecord,
     DlqRecord,
@@ -63,6 +64,8 @@ _LAST_LISTS = 200_000  # users whose last list is kept for the online hit rate
 #: Micro-batch of an agent: Faust's per-event cost is fixed, table writes are coalesced.
 _BATCH_EVENTS = 1000
 _BATCH_SECONDS = 0.005
+#: Replaced item states logged one by one before the log goes quiet about them.
+_REPLACED_STATES_LOGGED = 20
 
 
 @contextmanager
@@ -128,6 +131,8 @@ class WorkerApp:
         #: Newest profile of users with a deferred emission (coalescing).
         self.latest_profiles: dict[str, UserProfile] = {}
         self.online_hits: dict[str, list[int]] = {}
+        #: Stored item states of another layout replaced by fresh ones (see _stored_item).
+        self.replaced_states = 0
         self.catalog_features = CatalogFeatures(
             config.model.dims, config.model.pca, config.model.pca_warmup_items, config.model.seed
         )
@@ -400,9 +405,31 @@ class WorkerApp:
                 key = item_id.encode()
                 with _event_context(stream, last_event[item_id]):
                     raw = self.items.get(key)
-                    state = ItemState.from_bytes(raw, sketch_dims) if raw else None
+                    state = self._stored_item(item_id, raw, sketch_dims)
                     state = self.sketch.update_many(state, users, weights, times)
                     self.items[key] = state.to_bytes()
+
+    def _stored_item(self, item_id: str, raw: bytes | None, sketch_dims: int) -> ItemState | None:
+        """The item's stored state; None (learn afresh) for one of another layout.
+
+        A state written with another ``model.sketch_dims`` (or by a release that stored
+        64-wide states) cannot be converted: the item starts over from this update on,
+        logged, instead of stopping the item agent on every update of it.
+        """
+        if not raw:
+            return None
+        try:
+            return ItemState.from_bytes(raw, sketch_dims)
+        except DimensionError as exc:
+            self.replaced_states += 1
+            if self.replaced_states <= _REPLACED_STATES_LOGGED:
+                logger.error(
+                    "item %s: %s; its state is learned afresh (set model.sketch_dims to the "
+                    "width the table was written with to keep it)",
+                    item_id,
+                    exc,
+                )
+            return None
 
     async def _on_catalog(self, stream: Any) -> None:
         dims = self.config.model.dims

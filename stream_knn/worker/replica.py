@@ -27,6 +27,9 @@ from stream_knn.serving.service import RecommendationService
 
 __all__ = ["VectorReplica"]
 
+#: Skipped changelog records logged one by one before the log goes quiet about them.
+_SKIPPED_LOGGED = 20
+
 logger = logging.getLogger(__name__)
 
 
@@ -45,6 +48,8 @@ class VectorReplica:
         self.caught_up = False
         self.records = 0
         self.refits = 0
+        #: Changelog records that could not be read (wrong width, corrupt) and were skipped.
+        self.skipped = 0
         self._last_refit: float | None = None
         self._gauge_due = 0.0
         self._consumer: AIOKafkaConsumer | None = None
@@ -232,7 +237,13 @@ class VectorReplica:
                 else:
                     self.content[item_id] = decode_vector(value, model.dims)
             except DimensionError as exc:
-                logger.error("skipping item %s from %s: %s", item_id, topic, exc)
+                # E.g. states of another model.sketch_dims in an old changelog: each is
+                # replaced when its item is next updated. Logged one by one up to a limit.
+                self.skipped += 1
+                if self.skipped <= _SKIPPED_LOGGED:
+                    logger.error("skipping item %s from %s: %s", item_id, topic, exc)
+                elif self.skipped == _SKIPPED_LOGGED + 1:
+                    logger.error("more records skipped for the same reason; not logged each")
                 return
         vector = self._blended(item_id)
         if vector is None:

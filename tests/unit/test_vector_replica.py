@@ -111,3 +111,14 @@ def test_a_state_of_the_wrong_width_is_skipped(tmp_path: Path) -> None:
     narrow = ItemState(np.ones(DIMS, dtype=np.float32), 0, 1, 1.0)
     replica.apply(replica.behaviour_topic, b"x", narrow.to_bytes())
     assert "x" not in replica.known_items() and service.primary.item_count == 0
+
+
+def test_many_unreadable_records_are_skipped_and_counted(tmp_path: Path) -> None:
+    replica, service = _replica(tmp_path)
+    narrow = ItemState(np.ones(DIMS, dtype=np.float32), 0, 1, 1.0).to_bytes()
+    for n in range(30):
+        replica.apply(replica.behaviour_topic, f"old{n}".encode(), narrow)
+    state = _states()["a0"]
+    replica.apply(replica.behaviour_topic, b"a0", state.to_bytes())
+    assert replica.skipped == 30
+    assert replica.known_items() == {"a0"} and service.primary.item_count == 1
