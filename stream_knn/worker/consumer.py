@@ -34,7 +34,10 @@ from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.types import TP
 
-__all__ = ["SeekSafeConsumer"]
+__all__ = ["FETCH_MAX_WAIT_MS", "SeekSafeConsumer"]
+
+#: Longest time the broker may hold a fetch of the worker's consumer, ms.
+FETCH_MAX_WAIT_MS = 20
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,15 @@ class _SeekSafeThread(AIOKafkaConsumerThread):
     """
 
     epochs: dict[TP, int]
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        # Faust asks the broker to hold a fetch up to 1.5 s. aiokafka leaves out of a fetch
+        # the partitions whose records are still being handed over, so a fetch often
+        # covers only quiet partitions (other topics, changelogs) and the next records of
+        # the busy ones wait for it to time out: stalls of up to 1.5 s at steady rates.
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+        return consumer
 
     def __post_init__(self) -> None:
         super().__post_init__()
