@@ -1,6 +1,6 @@
 """Faust's aiokafka consumer with read offsets that stay honest across seeks.
 
-Faust (faust-streaming 0.11) remembers, per partition, the offset of the last message it
+Faust (faust-streaming 0.15) remembers, per partition, the offset of the last message it
 handed to the streams (the *read offset*) and drops any fetched message below it as
 already read. After a rebalance or a restart, table recovery seeks every stream partition
 back to its committed offset and resets the read offsets to match. Two kinds of message
@@ -21,6 +21,9 @@ discarded (the re-fetch from the new position delivers those messages again), an
 read offset of a message yielded before a seek is not recorded after it. At-least-once
 delivery is kept: nothing is skipped; a message processed just before the seek may be
 processed again after it.
+
+It also shortens how long the broker may hold a fetch (:data:`FETCH_MAX_WAIT_MS`): see
+``_SeekSafeThread._create_worker_consumer``.
 """
 
 from __future__ import annotations
