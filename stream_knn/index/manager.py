@@ -356,15 +356,11 @@ class IndexManager:
             vec.setflags(write=False)
             fresh[item_id] = vec
         ids = list(fresh)
-        matrix = np.stack([fresh[i] for i in ids]) if ids else np.empty((0, self.dims), np.float32)
+        matrix = self._stack(fresh, ids)
         with self._build_lock:
             self._last_build_started = time.monotonic()
-            index = make_index(self.config, self.dims)
-            started = time.perf_counter()
             try:
-                index.build(ids, matrix)
-                seconds = time.perf_counter() - started
-                info = self.store.write(index, seconds, _basis_file(basis))
+                index, info, seconds = self._make_version(ids, matrix, basis)
             except (StreamKnnError, OSError) as exc:
                 with self._lock:
                     self._build_errors += 1
@@ -374,7 +370,7 @@ class IndexManager:
             positions = {item_id: pos for pos, item_id in enumerate(index.ids)}
             with self._lock:
                 old = self._live
-                dropped = set(self._vectors) | set(positions if old is None else old.positions)
+                dropped = set(self._vectors) | (set() if old is None else set(old.positions))
                 self._tombstones |= dropped - set(fresh)
                 self._seq += 1
                 self.basis = basis
@@ -584,6 +580,23 @@ class IndexManager:
             if reason is not None:
                 self._build(reason)
 
+    def _stack(
+        self, vectors: dict[str, npt.NDArray[np.float32]], ids: list[str]
+    ) -> npt.NDArray[np.float32]:
+        if not ids:
+            return np.empty((0, self.dims), dtype=np.float32)
+        return np.stack([vectors[i] for i in ids])
+
+    def _make_version(
+        self, ids: list[str], matrix: npt.NDArray[np.float32], basis: bytes | None
+    ) -> tuple[Index, VersionInfo, float]:
+        """Build an index of ``ids`` and save it as the next version (errors propagate)."""
+        index = make_index(self.config, self.dims)
+        started = time.perf_counter()
+        index.build(ids, matrix)
+        seconds = time.perf_counter() - started
+        return index, self.store.write(index, seconds, _basis_file(basis)), seconds
+
     def _build(self, reason: str, raise_errors: bool = False) -> VersionInfo | None:
         with self._build_lock:
             with self._lock:
@@ -594,17 +607,9 @@ class IndexManager:
                 dirty, self._dirty = self._dirty, set()
                 self._last_build_started = time.monotonic()
             ids = list(snapshot)
-            matrix = (
-                np.stack([snapshot[i] for i in ids])
-                if ids
-                else np.empty((0, self.dims), dtype=np.float32)
-            )
+            matrix = self._stack(snapshot, ids)
             try:
-                index = make_index(self.config, self.dims)
-                started = time.perf_counter()
-                index.build(ids, matrix)
-                seconds = time.perf_counter() - started
-                info = self.store.write(index, seconds, _basis_file(basis))
+                index, info, seconds = self._make_version(ids, matrix, basis)
             except (StreamKnnError, OSError) as exc:
                 with self._lock:
                     self._build_errors += 1
