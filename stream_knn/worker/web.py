@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +46,8 @@ def register_pages(worker: WorkerApp) -> None:
         ok = silent <= cfg.worker.broker_timeout_seconds
         body = {
             "status": "ok" if ok else "failing",
-            "broker_unreachable_seconds": round(silent, 3),
+            # Rounded up to the ms, so a failing status never shows a value at the limit.
+            "broker_unreachable_seconds": math.ceil(silent * 1000.0) / 1000.0,
             "broker_timeout_seconds": cfg.worker.broker_timeout_seconds,
         }
         return web.json(body, status=200 if ok else 503)
