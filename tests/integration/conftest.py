@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -93,6 +94,12 @@ class WorkerEnv:
         except orjson.JSONDecodeError:
             return status, body.decode()
 
+    def feed(self, topic_role: str, records: list[tuple[bytes, bytes]], rate: int) -> Feeder:
+        """Start producing ``records`` at about ``rate`` per second in the background."""
+        feeder = Feeder(self.bootstrap, self.topics[topic_role], records, rate)
+        feeder.start()
+        return feeder
+
     def produce(self, topic_role: str, records: list[tuple[bytes | None, bytes | None]]) -> None:
         producer = Producer(
             {"bootstrap.servers": self.bootstrap, "partitioner": "murmur2_random", "linger.ms": 5}
@@ -137,6 +144,36 @@ class WorkerEnv:
         finally:
             consumer.close()
         return out
+
+
+class Feeder(threading.Thread):
+    """Produces records at a steady rate in the background (a stream does not stop because
+    a worker died or rebuilt); delivery errors are collected in ``errors``."""
+
+    def __init__(
+        self, bootstrap: str, topic: str, records: list[tuple[bytes, bytes]], rate: int
+    ) -> None:
+        super().__init__(name="feeder", daemon=True)
+        self.bootstrap, self.topic, self.records, self.rate = bootstrap, topic, records, rate
+        self.errors: list[Any] = []
+
+    def run(self) -> None:
+        producer = Producer(
+            {"bootstrap.servers": self.bootstrap, "partitioner": "murmur2_random", "linger.ms": 5}
+        )
+        chunk = max(1, self.rate // 10)
+        for start in range(0, len(self.records), chunk):
+            for key, value in self.records[start : start + chunk]:
+                producer.produce(
+                    self.topic,
+                    key=key,
+                    value=value,
+                    on_delivery=lambda err, _m: self.errors.append(err) if err else None,
+                )
+            producer.poll(0)
+            time.sleep(0.1)
+        if producer.flush(30) != 0:
+            self.errors.append("flush timed out")
 
 
 class WorkerProcess:

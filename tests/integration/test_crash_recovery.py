@@ -23,7 +23,6 @@ again after the restart: every event still gets its recommendation.
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from stream_knn.config import Config, load_config
 from stream_knn.embeddings.profile import UserProfile
@@ -218,34 +217,6 @@ class _RecCounter:
         self.consumer.close()
 
 
-class _Feeder(threading.Thread):
-    """Produces the stream at a steady rate in the background (the stream does not stop
-    because the worker died)."""
-
-    def __init__(self, bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
-        super().__init__(name="feeder", daemon=True)
-        self.bootstrap, self.topic, self.records = bootstrap, topic, records
-        self.errors: list[Any] = []
-
-    def run(self) -> None:
-        producer = Producer(
-            {"bootstrap.servers": self.bootstrap, "partitioner": "murmur2_random", "linger.ms": 5}
-        )
-        chunk = max(1, RATE // 10)
-        for start in range(0, len(self.records), chunk):
-            for key, value in self.records[start : start + chunk]:
-                producer.produce(
-                    self.topic,
-                    key=key,
-                    value=value,
-                    on_delivery=lambda err, _m: self.errors.append(err) if err else None,
-                )
-            producer.poll(0)
-            time.sleep(0.1)
-        if producer.flush(30) != 0:
-            self.errors.append("flush timed out")
-
-
 # -- comparing ---------------------------------------------------------------------------
 
 
@@ -386,8 +357,7 @@ def test_stop_mid_stream_and_restart_loses_nothing(
     counter = _RecCounter(worker_env.bootstrap, worker_env.topics["recommendations"])
     try:
         worker = run_worker()
-        feeder = _Feeder(worker_env.bootstrap, worker_env.topics["user_events"], records)
-        feeder.start()
+        feeder = worker_env.feed("user_events", records, rate=RATE)
         seen = counter.wait_for(STOP_AFTER, timeout_s=60)
         assert seen >= STOP_AFTER, worker.log_tail()
         worker.stop(kill=signal_name == "SIGKILL")

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka import Producer
 
 from stream_knn.events.synthetic import SyntheticStream
 
@@ -141,37 +139,13 @@ def test_similar_answers_see_a_fresh_item_after_being_asked_before_it(
     assert sorted(_ids(body)) == ["a20", "fresh"]
 
 
-class _Feeder(threading.Thread):
-    def __init__(self, bootstrap: str, topic: str, records: list[tuple[bytes, bytes]], rate: int):
-        super().__init__(name="feeder", daemon=True)
-        self.bootstrap, self.topic, self.records, self.rate = bootstrap, topic, records, rate
-        self.errors: list[Any] = []
-
-    def run(self) -> None:
-        producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
-        chunk = max(1, self.rate // 10)
-        for start in range(0, len(self.records), chunk):
-            for key, value in self.records[start : start + chunk]:
-                producer.produce(
-                    self.topic,
-                    key=key,
-                    value=value,
-                    on_delivery=lambda err, _m: self.errors.append(err) if err else None,
-                )
-            producer.poll(0)
-            time.sleep(0.1)
-        if producer.flush(30) != 0:
-            self.errors.append("flush timed out")
-
-
 def test_rebuilds_happen_while_events_keep_flowing(worker_env: Any, run_worker: Any) -> None:
     # The fixture's defaults: a build every second while something changed, none by count.
     stream = SyntheticStream(n_users=50, n_items=120, n_clusters=6, seed=5)
     events = list(stream.events(1500))
     records = [(e["user_id"].encode(), orjson.dumps(e)) for e in events]
     run_worker()
-    feeder = _Feeder(worker_env.bootstrap, worker_env.topics["user_events"], records, rate=300)
-    feeder.start()
+    feeder = worker_env.feed("user_events", records, rate=300)
     versions_while_feeding: set[int] = set()
     while feeder.is_alive():
         version = _index(worker_env)["version"]
