@@ -19,10 +19,12 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_knn.config import EventsConfig, ModelConfig
+from stream_knn.core.batch import learn_item_events, learn_user_events
 from stream_knn.embeddings.catalog import CatalogFeatures, Features, blend, unit
 from stream_knn.embeddings.profile import UserProfile
 from stream_knn.embeddings.projection import Projection, SketchProjector
-from stream_knn.embeddings.sketch import ItemState, RandomIndexing, activity_weight
+from stream_knn.embeddings.sketch import ItemState, RandomIndexing
+from stream_knn.events.schema import UserEvent
 
 __all__ = ["StreamingModel"]
 
@@ -93,16 +95,16 @@ class StreamingModel:
         ts_ms
             Event time, epoch ms.
         """
-        cfg = self.config
-        profile = self._profiles.get(user_id, _EMPTY_PROFILE).add(
-            item_id, ts_ms, weight, cfg.profile_max_items, cfg.profile_half_life_seconds
+        # The worker's learning rule (stream_knn.core), one event at a time.
+        event = UserEvent(user_id, item_id, "learn", int(ts_ms), float(weight), "", None, None)
+        batch = learn_user_events(
+            (event,), self._profiles, self.config, activity_weighting=self.activity_weighting
         )
-        self._profiles[user_id] = profile
-        scale = activity_weight(profile.version) if self.activity_weighting else 1.0
-        self.projector.set(
-            item_id,
-            self.sketch.update(self.projector.get(item_id), user_id, weight * scale, ts_ms),
+        self._profiles[user_id] = batch.emissions[0].profile
+        states = learn_item_events(
+            batch.item_events, {item_id: self.projector.get(item_id)}, self.sketch
         )
+        self.projector.set(item_id, states[item_id])
         if self.projector.refit_due and self.projector.refit():
             self._refresh_all()
         else:
@@ -330,9 +332,6 @@ class StreamingModel:
             else:
                 self._content[item_id] = content
             self._refresh(item_id)
-
-
-_EMPTY_PROFILE = UserProfile()
 
 
 def _as_features(features: Mapping[str, Any] | None) -> Features | None:

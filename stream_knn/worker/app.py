@@ -20,9 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,13 @@ from aiokafka.partitioner import murmur2
 from prometheus_client import CollectorRegistry
 
 from stream_knn.config import Config
+from stream_knn.core.batch import (
+    Emission,
+    ItemEvents,
+    learn_item_events,
+    learn_user_events,
+    merge_item_events,
+)
 from stream_knn.embeddings.catalog import CatalogFeatures
 from stream_knn.embeddings.codec import encode_vector
 from stream_knn.embeddings.profile import UserProfile
@@ -50,10 +56,12 @@ from stream_knn.events.schema import (
 )
 from stream_knn.metrics.registry import Metrics
 from stream_knn.serving.coalesce import EmitGate
+from stream_knn.serving.recommender import Recommendation
 from stream_knn.serving.service import RecommendationService
-from stream_knn.worker.consumer import SeekSafeConsumer
+from stream_knn.worker.consumer import BatchMessage, SeekSafeConsumer
 from stream_knn.worker.output import OutputProducer
 from stream_knn.worker.replica import VectorReplica
+from stream_knn.worker.tables import BatchTable
 from stream_knn.worker.web import register_pages
 
 __all__ = ["WorkerApp", "create_app"]
@@ -61,28 +69,12 @@ __all__ = ["WorkerApp", "create_app"]
 logger = logging.getLogger(__name__)
 
 _LAST_LISTS = 200_000  # users whose last list is kept for the online hit rate
-#: Micro-batch of an agent: Faust's per-event cost is fixed, table writes are coalesced.
-_BATCH_EVENTS = 1000
-_BATCH_SECONDS = 0.005
+#: Fetched partition batches an agent takes at once, and how long it waits for more: one
+#: pass of the batch core (one RocksDB write batch, one output flush) serves them all.
+_TAKE_BATCHES = 64
+_TAKE_SECONDS = 0.002
 #: Replaced item states logged one by one before the log goes quiet about them.
 _REPLACED_STATES_LOGGED = 20
-
-
-@contextmanager
-def _event_context(stream: Any, event: Any) -> Iterator[None]:
-    """Make ``event`` the current event for table access inside a micro-batch.
-
-    Faust's tables pick the partition store and the changelog partition of a key from the
-    current event, which ``take_events`` batches do not set. The stream's own setter is the
-    one Faust's iterator uses; the previous value is restored at once, synchronously, so
-    the take buffer (which reads the stream's current event) never sees ours.
-    """
-    previous = stream.current_event
-    stream._set_current_event(event)
-    try:
-        yield
-    finally:
-        stream._set_current_event(previous)
 
 
 @lru_cache(maxsize=200_000)
@@ -92,12 +84,54 @@ def item_partition(item_id: str, partitions: int) -> int:
     return (hashed & 0x7FFFFFFF) % partitions
 
 
+class _Record:
+    """A single Faust message seen as a fetched record (timestamp in ms)."""
+
+    __slots__ = ("key", "offset", "partition", "timestamp", "topic", "value")
+
+    def __init__(self, message: Any) -> None:
+        self.topic, self.partition, self.offset = message.topic, message.partition, message.offset
+        self.key, self.value = message.key, message.value
+        self.timestamp = int(message.timestamp * 1000)
+
+
+def _records(message: Any) -> Sequence[Any]:
+    """The records a delivered message stands for: a fetched batch, or itself."""
+    if type(message) is BatchMessage:
+        return message.records
+    return (_Record(message),)
+
+
+def _list_record(
+    ev: UserEvent, k: int, variant: str, rec: Recommendation, emitted_ms: int
+) -> bytes:
+    """The ``recommendations`` record of a list sent for event ``ev``."""
+    record: dict[str, Any] = {
+        "user_id": ev.user_id,
+        "items": [{"item_id": i, "score": round(s, 6)} for i, s in rec.items],
+        "k": k,
+        "index_version": rec.index_version,
+        "variant": variant,
+        "trigger": "event",
+        "event_id": ev.event_id,
+        "event_ts": ev.ts_ms,
+        "emitted_ts": emitted_ms,
+    }
+    if rec.fallback:
+        record["fallback"] = rec.fallback
+    return orjson.dumps(record)
+
+
 class _App(faust.App):
-    """Faust's app with a consumer that keeps read offsets honest across seeks."""
+    """Faust's app with a consumer that keeps read offsets honest across seeks and hands
+    over the topics of ``batch_topics`` one fetched partition batch at a time."""
+
+    batch_topics: frozenset[str] = frozenset()
 
     def _new_consumer(self) -> Any:
         return SeekSafeConsumer(
             self.transport,
+            batch_topics=self.batch_topics,
             callback=self.topics.on_message,
             on_partitions_revoked=self._on_partitions_revoked,
             on_partitions_assigned=self._on_partitions_assigned,
@@ -186,6 +220,12 @@ class WorkerApp:
         self.profiles = app.Table("user-profiles", default=None, **table_opts)
         self.items = app.Table("item-vectors", default=None, **table_opts)
         self.contents = app.Table("item-contents", default=None, **table_opts)
+        # Profiles and item states are written in batches past Faust's per-key path.
+        self.profile_store = BatchTable(self.profiles, self.output)
+        self.item_store = BatchTable(self.items, self.output)
+        app.batch_topics = frozenset(
+            {self.user_events.get_topic_name(), self.item_updates.get_topic_name()}
+        )
 
         app.agent(self.user_events, name="user-events")(self._on_user_events)
         app.agent(self.item_updates, name="item-updates")(self._on_item_updates)
@@ -202,7 +242,7 @@ class WorkerApp:
 
     # -- helpers -------------------------------------------------------------------------
 
-    async def _send_dlq(self, record: DlqRecord) -> None:
+    def _send_dlq(self, record: DlqRecord) -> None:
         self.metrics.dlq.labels(record.reason).inc()
         logger.warning(
             "dead-lettered %s[%s]@%s: %s (%s)",
@@ -238,176 +278,216 @@ class WorkerApp:
     # -- agents ----------------------------------------------------------------------------
 
     async def _on_user_events(self, stream: Any) -> None:
-        """Micro-batches of user events: profiles written once per user per batch, item
-        updates sent once per item partition per batch, one list per event (or coalesced)."""
-        async for events in stream.take_events(_BATCH_EVENTS, within=_BATCH_SECONDS):
+        """Whole fetched batches of user events through the batch core: profiles written
+        once per user per batch, item updates sent once per item partition per batch, one
+        list per event (or coalesced)."""
+        await self._consume_batches(stream, self._user_batch)
+
+    async def _consume_batches(self, stream: Any, handle: Any) -> None:
+        async for events in stream.take_events(_TAKE_BATCHES, within=_TAKE_SECONDS):
             # take_events acks the batch in a `finally`, also when the agent is cancelled
-            # (shutdown, restart): finish the batch first so its outputs are sent before
-            # its offsets can be committed.
-            batch = asyncio.ensure_future(self._user_batch(stream, events))
+            # (shutdown, restart): finish the batch first so its outputs are delivered
+            # before its offsets can be committed.
+            messages = [event.message for event in events]
+            batch = asyncio.ensure_future(handle(messages))
             try:
                 await asyncio.shield(batch)
             except asyncio.CancelledError:
                 await batch
                 raise
 
-    async def _user_batch(self, stream: Any, events: list[Any]) -> None:
-        cfg = self.config
+    def _parse_user_records(
+        self, messages: list[BatchMessage]
+    ) -> tuple[list[tuple[int, float, UserEvent]], list[DlqRecord]]:
+        cfg = self.config.events
+        valid: list[tuple[int, float, UserEvent]] = []
+        bad: list[DlqRecord] = []
+        for message in messages:
+            for record in _records(message):
+                parsed = parse_user_event(
+                    record.value,
+                    config=cfg,
+                    topic=record.topic,
+                    partition=record.partition,
+                    offset=record.offset,
+                    key=record.key,
+                    broker_ts_ms=record.timestamp,
+                )
+                if isinstance(parsed, DlqRecord):
+                    bad.append(parsed)
+                else:
+                    valid.append((record.partition, record.timestamp / 1000.0, parsed))
+        return valid, bad
+
+    async def _user_batch(self, messages: list[BatchMessage]) -> None:
         metrics = self.metrics
         started = time.perf_counter()
-        valid: list[tuple[Any, UserEvent]] = []
-        for event in events:
-            message = event.message
-            parsed = parse_user_event(
-                event.value,
-                config=cfg.events,
-                topic=message.topic,
-                partition=message.partition,
-                offset=message.offset,
-                key=event.key,
-                broker_ts_ms=int(message.timestamp * 1000),
-            )
-            if isinstance(parsed, DlqRecord):
-                metrics.events.labels("invalid", "dlq").inc()
-                await self._send_dlq(parsed)
-            else:
-                valid.append((event, parsed))
+        valid, bad = self._parse_user_records(messages)
+        if bad:
+            metrics.events.labels("invalid", "dlq").inc(len(bad))
+            for record in bad:
+                self._send_dlq(record)
 
-        profiles: dict[str, UserProfile | None] = {}
-        last_event: dict[str, Any] = {}
-        item_updates: dict[str, tuple[list[str], list[float], list[int]]] = {}
-        emissions: list[tuple[UserEvent, UserProfile, float]] = []
-        deferred: set[str] = set()
+        # Stored profiles of the batch's users: one multi-get per partition.
+        partition_of: dict[str, int] = {}
+        for partition, _, ev in valid:
+            partition_of[ev.user_id] = partition
+        stored = self._read_profiles(partition_of)
+        learned = learn_user_events((ev for _, _, ev in valid), stored, self.config.model)
+
+        assign = self.service.assigner.assign
+        counts: Counter[str] = Counter()
+        for _, _, ev in valid:
+            counts[ev.event_type] += 1
+        for user in learned.forgotten:
+            self.last_lists.pop(user, None)
+            self.gate.drop(user)
+            self.latest_profiles.pop(user, None)
         now = time.time()
-        for event, ev in valid:
-            user = ev.user_id
-            if user not in profiles:
-                with _event_context(stream, event):
-                    raw = self.profiles.get(user.encode())
-                profiles[user] = UserProfile.from_bytes(raw) if raw else None
-            last_event[user] = event
-            if ev.event_type == "forget":
-                profiles[user] = None
-                self.last_lists.pop(user, None)
-                self.gate.drop(user)
-                metrics.events.labels("forget", "ok").inc()
-                continue
+        produced = {ev.event_id: produced_s for _, produced_s, ev in valid}
+        due: list[tuple[Emission, float]] = []
+        deferred: dict[str, UserProfile] = {}
+        for emission in learned.emissions:
+            ev = emission.event
             assert ev.item_id is not None
-            variant = self.service.assigner.assign(user)
-            self._note_online_hit(user, ev.item_id, variant.name)
-            profile = (profiles[user] or UserProfile()).add(
-                ev.item_id,
-                ev.ts_ms,
-                ev.weight,
-                cfg.model.profile_max_items,
-                cfg.model.profile_half_life_seconds,
-            )
-            profiles[user] = profile
-            self.service.observe(ev)
-            users, weights, times = item_updates.setdefault(ev.item_id, ([], [], []))
-            users.append(user)
-            weights.append(ev.weight)
-            times.append(ev.ts_ms)
-            metrics.events.labels(ev.event_type, "ok").inc()
-            if self.gate.offer(user, (ev, event.message.timestamp), now):
-                emissions.append((ev, profile, event.message.timestamp))
+            self._note_online_hit(ev.user_id, ev.item_id, assign(ev.user_id).name)
+            produced_s = produced[ev.event_id]
+            if self.gate.offer(ev.user_id, (ev, produced_s), now):
+                due.append((emission, produced_s))
+                deferred.pop(ev.user_id, None)
             else:
-                deferred.add(user)
+                deferred[ev.user_id] = emission.profile
+        observe = self.service.observe
+        for emission in learned.emissions:
+            observe(emission.event)
 
-        # One table write per user per batch, in the partition of that user's events.
-        for user, maybe_profile in profiles.items():
-            with _event_context(stream, last_event[user]):
-                if maybe_profile is None:
-                    self.profiles.pop(user.encode(), None)
-                else:
-                    self.profiles[user.encode()] = maybe_profile.to_bytes()
-            if maybe_profile is not None and user in deferred:
-                self.latest_profiles[user] = maybe_profile
-            else:
-                self.latest_profiles.pop(user, None)
-        await self._send_item_updates(item_updates)
-        for ev, profile, produced_s in emissions:
-            await self._emit(ev, profile, produced_s)
+        # State: one RocksDB write batch per partition, changelog records alongside.
+        by_partition: dict[int, dict[bytes, bytes | None]] = {}
+        for user, profile in learned.profiles.items():
+            by_partition.setdefault(partition_of[user], {})[user.encode()] = (
+                None if profile is None else profile.to_bytes()
+            )
+        for partition, values in by_partition.items():
+            self.profile_store.write(partition, values)
+        for user, profile in deferred.items():
+            self.latest_profiles[user] = profile
+        for emission, _ in due:
+            self.latest_profiles.pop(emission.event.user_id, None)
+        self._send_item_updates(learned.item_events)
+        self._emit_many(due)
         # Delivered before take_events acks the batch: at least once.
         await self.output.flush()
+        self.profile_store.persist_offsets()
+        for event_type, n in counts.items():
+            metrics.events.labels(event_type, "ok").inc(n)
         if valid:
             metrics.processing_latency.observe((time.perf_counter() - started) / len(valid))
 
-    async def _send_item_updates(
-        self, updates: dict[str, tuple[list[str], list[float], list[int]]]
-    ) -> None:
+    def _read_profiles(self, partition_of: dict[str, int]) -> dict[str, UserProfile | None]:
+        users_by_partition: dict[int, list[str]] = {}
+        for user, partition in partition_of.items():
+            users_by_partition.setdefault(partition, []).append(user)
+        stored: dict[str, UserProfile | None] = {}
+        for partition, users in users_by_partition.items():
+            raws = self.profile_store.get_many(partition, [u.encode() for u in users])
+            for user, raw in zip(users, raws, strict=True):
+                stored[user] = UserProfile.from_bytes(raw) if raw else None
+        return stored
+
+    def _send_item_updates(self, updates: dict[str, ItemEvents]) -> None:
         """Re-key by item: one record per item partition carrying that partition's items."""
         n = self.config.worker.partitions
-        by_partition: dict[int, dict[str, tuple[list[str], list[float], list[int]]]] = {}
+        by_partition: dict[int, dict[str, ItemEvents | None]] = {}
         for item_id, update in updates.items():
             by_partition.setdefault(item_partition(item_id, n), {})[item_id] = update
+        topic = self.item_updates.get_topic_name()
         for partition, items in by_partition.items():
             first = next(iter(items))
-            await self.item_updates.send(
-                key=first.encode(), value=orjson.dumps(items), partition=partition
-            )
+            self.output.send(topic, first.encode(), orjson.dumps(items), partition=partition)
 
-    async def _emit(self, ev: UserEvent, profile: UserProfile, produced_s: float) -> None:
-        variant = self.service.assigner.assign(ev.user_id)
-        rec = self.service.recommend(
-            ev.user_id, profile, variant.k, ev.ts_ms, exclude=(ev.item_id or "",), variant=variant
-        )
+    def _emit_many(self, due: list[tuple[Emission, float]]) -> None:
+        """Build and send the lists of ``due`` emissions (one batch pass of the service)."""
+        if not due:
+            return
+        recommend = self.service.recommend
+        assign = self.service.assigner.assign
+        lists = [
+            recommend(
+                e.event.user_id,
+                e.profile,
+                assign(e.event.user_id).k,
+                e.event.ts_ms,
+                exclude=(e.event.item_id or "",),
+            )
+            for e, _ in due
+        ]
         emitted_ms = int(time.time() * 1000)
-        record: dict[str, Any] = {
-            "user_id": ev.user_id,
-            "items": [{"item_id": i, "score": round(s, 6)} for i, s in rec.items],
-            "k": variant.k,
-            "index_version": rec.index_version,
-            "variant": variant.name,
-            "trigger": "event",
-            "event_id": ev.event_id,
-            "event_ts": ev.ts_ms,
-            "emitted_ts": emitted_ms,
-        }
-        if rec.fallback:
-            record["fallback"] = rec.fallback
-        self.output.send(self.recommendations_topic, ev.user_id.encode(), orjson.dumps(record))
-        self._remember_list(ev.user_id, rec.items)
-        self.metrics.recommendations.labels(variant.name, "event").inc()
-        self.metrics.end_to_end_latency.observe(max(0.0, emitted_ms / 1000.0 - produced_s))
+        emitted_s = emitted_ms / 1000.0
+        send = self.output.send
+        topic = self.recommendations_topic
+        sent: Counter[str] = Counter()
+        observe = self.metrics.end_to_end_latency.observe
+        for (emission, produced_s), rec in zip(due, lists, strict=True):
+            ev = emission.event
+            variant = assign(ev.user_id)
+            body = _list_record(ev, variant.k, variant.name, rec, emitted_ms)
+            send(topic, ev.user_id.encode(), body)
+            self._remember_list(ev.user_id, rec.items)
+            sent[variant.name] += 1
+            observe(max(0.0, emitted_s - produced_s))
+        for name, n in sent.items():
+            self.metrics.recommendations.labels(name, "event").inc(n)
 
     async def _flush_coalesced(self) -> None:
         """Emit the newest list of every user whose coalescing interval has passed."""
+        due: list[tuple[Emission, float]] = []
         for user, (ev, produced_s) in self.gate.due(time.time()):
             profile = self.latest_profiles.pop(user, None)
             if profile is not None:
-                await self._emit(ev, profile, produced_s)
+                due.append((Emission(ev, profile), produced_s))
+        self._emit_many(due)
         await self.output.flush()
 
     async def _on_item_updates(self, stream: Any) -> None:
-        """Apply item updates, one table read and write per item per batch."""
+        """Apply item updates in whole fetched batches, one read and write per item."""
+        await self._consume_batches(stream, self._item_batch)
+
+    async def _item_batch(self, messages: list[BatchMessage]) -> None:
         sketch_dims = self.config.model.sketch_dims
-        async for events in stream.take_events(_BATCH_EVENTS, within=_BATCH_SECONDS):
-            merged: dict[str, tuple[list[str], list[float], list[int]]] = {}
-            deleted: set[str] = set()
-            last_event: dict[str, Any] = {}
-            for event in events:
-                for item_id, update in orjson.loads(event.value).items():
-                    last_event[item_id] = event
+        merged: dict[int, dict[str, ItemEvents]] = {}
+        deleted: dict[int, set[str]] = {}
+        for message in messages:
+            for record in _records(message):
+                partition = record.partition
+                part_merged = merged.setdefault(partition, {})
+                part_deleted = deleted.setdefault(partition, set())
+                for item_id, update in orjson.loads(record.value).items():
                     if update is None:  # a catalog delete
-                        deleted.add(item_id)
-                        merged.pop(item_id, None)
+                        part_deleted.add(item_id)
+                        part_merged.pop(item_id, None)
                         continue
-                    deleted.discard(item_id)
-                    users, weights, times = merged.setdefault(item_id, ([], [], []))
-                    users.extend(update[0])
-                    weights.extend(update[1])
-                    times.extend(update[2])
-            for item_id in deleted:
-                with _event_context(stream, last_event[item_id]):
-                    self.items.pop(item_id.encode(), None)
-            for item_id, (users, weights, times) in merged.items():
-                key = item_id.encode()
-                with _event_context(stream, last_event[item_id]):
-                    raw = self.items.get(key)
-                    state = self._stored_item(item_id, raw, sketch_dims)
-                    state = self.sketch.update_many(state, users, weights, times)
-                    self.items[key] = state.to_bytes()
+                    part_deleted.discard(item_id)
+                    users, weights, times = update
+                    merge_item_events(part_merged, {item_id: (users, weights, times)})
+        for partition, items in merged.items():
+            keys = [item_id.encode() for item_id in items]
+            raws = self.item_store.get_many(partition, keys)
+            stored = {
+                item_id: self._stored_item(item_id, raw, sketch_dims)
+                for item_id, raw in zip(items, raws, strict=True)
+            }
+            states = learn_item_events(items, stored, self.sketch)
+            values: dict[bytes, bytes | None] = {
+                key: states[item_id].to_bytes() for key, item_id in zip(keys, items, strict=True)
+            }
+            for item_id in deleted.get(partition, ()):
+                values[item_id.encode()] = None
+            self.item_store.write(partition, values)
+        for partition, gone in deleted.items():
+            if partition not in merged and gone:
+                self.item_store.write(partition, {item_id.encode(): None for item_id in gone})
+        await self.output.flush()
+        self.item_store.persist_offsets()
 
     def _stored_item(self, item_id: str, raw: bytes | None, sketch_dims: int) -> ItemState | None:
         """The item's stored state; None (learn afresh) for one of another layout.
@@ -446,7 +526,7 @@ class WorkerApp:
             )
             if isinstance(parsed, DlqRecord):
                 self.metrics.catalog.labels("dlq").inc()
-                await self._send_dlq(parsed)
+                self._send_dlq(parsed)
                 await self.output.flush()
                 continue
             await self._apply_catalog(parsed)
@@ -483,7 +563,7 @@ class WorkerApp:
                 key=event.key,
             )
             if isinstance(parsed, DlqRecord):
-                await self._send_dlq(parsed)
+                self._send_dlq(parsed)
                 await self.output.flush()
                 continue
             await self._answer_request(parsed)

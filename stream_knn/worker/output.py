@@ -1,15 +1,17 @@
-"""The worker's output producer: recommendations and dead-letter records, through librdkafka.
+"""The worker's output producer: lists, dead letters, item updates and table changelogs.
 
 Faust's own send path costs about a tenth of a millisecond per record in Python; the
-worker writes one record per event, so it hands its output to confluent-kafka (C, batched,
-lz4) and waits for delivery once per micro-batch, before the batch's offsets can be
-committed: at least once, with no per-record Python overhead.
+worker writes several records per event, so it hands them to confluent-kafka (C, batched,
+lz4) and waits for delivery once per batch, before the batch's offsets can be committed:
+at least once, with no per-record Python overhead. Changelog records report their offsets
+(:meth:`OutputProducer.send` ``on_offset``) so the tables can remember what they hold.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
@@ -45,11 +47,32 @@ class OutputProducer:
         )
         self._failures: list[str] = []
 
-    def send(self, topic: str, key: bytes | None, value: bytes) -> None:
-        """Queue one record (no wait); delivery is checked by :meth:`flush`."""
+    def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None = None,
+        on_offset: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Queue one record (no wait); delivery is checked by :meth:`flush`.
+
+        ``partition`` None means the key's partition (murmur2, as Faust and Java pick it);
+        ``on_offset(partition, offset)`` is called on delivery, from :meth:`flush`.
+        """
+        callback = self._delivered
+        if on_offset is not None:
+
+            def callback(err: KafkaError | None, msg: Message) -> None:
+                if err is not None:
+                    self._failures.append(f"{msg.topic()}: {err}")
+                else:
+                    on_offset(msg.partition(), msg.offset())  # type: ignore[arg-type]
+
+        extra: dict[str, Any] = {} if partition is None else {"partition": partition}
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, on_delivery=self._delivered)
+                self._producer.produce(topic, value=value, key=key, on_delivery=callback, **extra)
                 return
             except BufferError:
                 # The local queue is full: serve delivery reports to make room.
