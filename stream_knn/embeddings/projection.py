@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +44,9 @@ Vector = npt.NDArray[np.float32]
 # Header of a serialised projection: format version, basis version, sketch dims, dims.
 _HEADER = struct.Struct("<BQII")
 _FORMAT_VERSION = 1
+#: Rows stacked per step of a fit: the Gram product of a step releases the GIL, so a fit
+#: in a worker's thread never holds it for one copy of every sketch.
+_FIT_CHUNK = 4096
 
 
 @dataclass(frozen=True)
@@ -185,12 +188,17 @@ def fit_projection(
         keep = np.sort(np.argsort(-popularity, kind="stable")[:max_items])
         ids = [ids[j] for j in keep.tolist()]
         decay = decay[keep]
-    try:
-        rows = np.stack([states[i].vector for i in ids]).astype(np.float64)
-    except ValueError:
-        raise DimensionError("item sketch vectors differ in length") from None
-    rows *= decay[:, None]
-    gram = rows.T @ rows
+    gram = np.zeros((sketch_dims, sketch_dims), dtype=np.float64)
+    for start in range(0, len(ids), _FIT_CHUNK):
+        chunk = ids[start : start + _FIT_CHUNK]
+        try:
+            rows = np.stack([states[i].vector for i in chunk]).astype(np.float64)
+        except ValueError:
+            raise DimensionError("item sketch vectors differ in length") from None
+        if rows.shape[1] != sketch_dims:
+            raise DimensionError("item sketch vectors differ in length")
+        rows *= decay[start : start + len(chunk), None]
+        gram += rows.T @ rows
     _, eigenvectors = np.linalg.eigh(gram)
     # eigh sorts eigenvalues ascending: the last columns are the top directions.
     basis = eigenvectors[:, ::-1][:, :dims]
@@ -273,6 +281,20 @@ class SketchProjector:
         """The item's ``dims``-wide behaviour vector (not normalised), ``None`` if unknown."""
         state = self._states.get(item_id)
         return None if state is None else self.projection.apply(state.vector)
+
+    def project_many(self, item_ids: Sequence[str]) -> tuple[Vector, npt.NDArray[np.bool_]]:
+        """The behaviour vectors of ``item_ids`` in one matrix product, and which exist.
+
+        Row ``i`` is :meth:`project` of ``item_ids[i]``; the row of an item without a state
+        is zero and flagged ``False``.
+        """
+        n = len(item_ids)
+        states = [self._states.get(i) for i in item_ids]
+        known = np.fromiter((s is not None for s in states), dtype=np.bool_, count=n)
+        sketches = np.zeros((n, self.config.sketch_dims), dtype=np.float32)
+        if known.any():
+            sketches[known] = np.stack([s.vector for s in states if s is not None])
+        return self.projection.apply(sketches), known
 
     def projected(self) -> Iterator[tuple[str, Vector]]:
         """Every item and its projected behaviour vector (after a refit: re-index them all)."""

@@ -3,10 +3,12 @@
 Searches merge the live index (built from a snapshot) with an exact numpy search over the
 items changed since that snapshot, so a fresh or changed item is found before the next
 build and a deleted one never comes back. Builds run in a background thread from a
-snapshot, are written as a new version by :class:`~stream_knn.index.store.IndexStore` and
-swapped in atomically.
+snapshot: a child process builds the index and writes it as a new version of the
+:class:`~stream_knn.index.store.IndexStore` (see :mod:`stream_knn.index.builder`), and the
+version is memory-mapped and swapped in atomically, so no build holds this process's GIL.
 
-Feed the current vectors with :meth:`IndexManager.upsert` before or right after
+Feed the current vectors with :meth:`IndexManager.upsert_many` (or
+:meth:`IndexManager.upsert`) before or right after
 :meth:`IndexManager.start`: items of a warm-started version that are never upserted are
 served until the next build, which is made from the upserted vectors only.
 """
@@ -18,7 +20,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +28,9 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_knn.config import IndexConfig
-from stream_knn.errors import CorruptIndexError, IndexError_, StreamKnnError
-from stream_knn.index.base import Index, Neighbours, as_query, make_index
+from stream_knn.errors import CorruptIndexError, DimensionError, IndexError_, StreamKnnError
+from stream_knn.index.base import Index, Neighbours, as_matrix, as_query
+from stream_knn.index.builder import BuildJob, BuildProcess, VersionWriteError, build_version
 from stream_knn.index.exact import ExactIndex, exact_scores, top_k
 from stream_knn.index.store import IndexStore, VersionInfo
 
@@ -39,6 +42,8 @@ logger = logging.getLogger(__name__)
 _RECALL_WINDOW = 1000
 #: The builder thread looks at the PINNED file at least this often, seconds.
 _MAX_TICK_SECONDS = 1.0
+#: Rows copied per step when a snapshot is stacked: the GIL is released between steps.
+_STACK_CHUNK = 4096
 
 SwapCallback = Callable[[VersionInfo, VersionInfo | None], None]
 
@@ -99,7 +104,8 @@ class _Delta:
     def __len__(self) -> int:
         return len(self._ids)
 
-    def set(self, item_id: str, vector: npt.NDArray[np.float32]) -> None:
+    def _place(self, item_id: str) -> int:
+        """The row of ``item_id``, appended (the matrix grown) if it has none."""
         pos = self._pos.get(item_id)
         if pos is None:
             pos = len(self._ids)
@@ -109,11 +115,22 @@ class _Delta:
                 self._matrix = grown
             self._ids.append(item_id)
             self._pos[item_id] = pos
+        return pos
+
+    def set(self, item_id: str, vector: npt.NDArray[np.float32]) -> None:
+        pos = self._place(item_id)
         if self._unit:
             norm = float(np.linalg.norm(vector))
             self._matrix[pos] = vector / norm if norm > 0.0 else vector
         else:
             self._matrix[pos] = vector
+
+    def set_many(self, ids: Sequence[str], matrix: npt.NDArray[np.float32]) -> None:
+        """:meth:`set` of row ``i`` for ``ids[i]`` (unique ids), normalised in one pass."""
+        if not ids:
+            return
+        rows = np.fromiter((self._place(i) for i in ids), dtype=np.intp, count=len(ids))
+        self._matrix[rows] = _unit(matrix) if self._unit else matrix
 
     def remove(self, item_id: str) -> None:
         pos = self._pos.pop(item_id, None)
@@ -201,6 +218,10 @@ class IndexManager:
     on_swap
         Called as ``on_swap(new, old)`` after a version starts being served (from the
         builder thread or the caller of :meth:`start`/:meth:`rebuild_now`).
+    build_in_process
+        Build in the calling thread instead of a child process: for tools that serve no
+        event loop, where starting a process buys nothing. The worker builds in a child
+        (the default), whose finished version it memory-maps.
     """
 
     def __init__(
@@ -210,12 +231,15 @@ class IndexManager:
         dims: int,
         *,
         on_swap: SwapCallback | None = None,
+        build_in_process: bool = False,
     ) -> None:
         self.config = config
         self.dims = int(dims)
         self.metric = config.metric
         self.store = IndexStore(Path(root), config.keep_versions)
         self._on_swap = on_swap
+        #: Where builds run: None in the calling thread, else a child process.
+        self._builder = None if build_in_process else BuildProcess()
         # One lock guards every mutable field; searches hold it only for the delta part.
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
@@ -294,27 +318,57 @@ class IndexManager:
         DimensionError
             If ``vector`` does not have ``dims`` values or holds NaN/inf.
         """
-        vec = as_query(vector, self.dims).copy()
-        vec.setflags(write=False)
+        self.upsert_many((item_id,), as_query(vector, self.dims)[None, :])
+
+    def upsert_many(self, ids: Sequence[str], vectors: npt.ArrayLike) -> None:
+        """Set the current vector of ``ids[i]`` to row ``i`` of ``vectors``, at once.
+
+        The same as :meth:`upsert` of each row in order (a repeated id ends with its last
+        row), with one vectorised comparison against the live version for the whole batch.
+
+        Raises
+        ------
+        DimensionError
+            If ``vectors`` is not ``(len(ids), dims)`` or holds NaN/inf (nothing is set).
+        """
+        matrix = as_matrix(vectors, self.dims)
+        if len(matrix) != len(ids):
+            raise DimensionError(f"got {len(ids)} ids for {len(matrix)} vectors")
+        n = len(ids)
+        if n == 0:
+            return
+        # Row of the last occurrence of each id: what it ends up with.
+        last = dict(zip(ids, range(n), strict=True))
+        # Own copies, one per item: a view would keep the caller's whole batch alive.
+        own = {item_id: matrix[row].copy() for item_id, row in last.items()}
+        for vec in own.values():
+            vec.setflags(write=False)
         with self._lock:
-            self._seq += 1
-            self._tombstones.discard(item_id)
-            self._vectors[item_id] = vec
+            same = np.zeros(n, dtype=np.bool_)
             live = self._live
-            pos = None if live is None else live.positions.get(item_id)
-            if (
-                live is not None
-                and pos is not None
-                and _same_rows(live.matrix[pos : pos + 1], vec[None, :], self.metric)[0]
-            ):
-                # Back to what the live version holds (e.g. a changelog replayed after a
-                # warm start reaching the vector the version was built from): no change.
-                self._changed.pop(item_id, None)
-                self._delta.remove(item_id)
-                return
-            self._changed[item_id] = self._seq
-            self._delta.set(item_id, vec)
-            self._dirty.add(item_id)
+            if live is not None:
+                found = live.positions
+                pos = np.fromiter((found.get(i, -1) for i in ids), dtype=np.intp, count=n)
+                rows = np.flatnonzero(pos >= 0)
+                if len(rows):
+                    same[rows] = _same_rows(live.matrix[pos[rows]], matrix[rows], self.metric)
+            base = self._seq
+            self._seq += n
+            self._tombstones.difference_update(last)
+            self._vectors.update(own)
+            # Every id with a row unlike the live version counts for the rebuild policy.
+            self._dirty.update(ids[row] for row in np.flatnonzero(~same).tolist())
+            moved: list[str] = []
+            for item_id, row in last.items():
+                if same[row]:
+                    # Back to what the live version holds (e.g. a changelog replayed after
+                    # a warm start reaching the vector the version was built from).
+                    self._changed.pop(item_id, None)
+                    self._delta.remove(item_id)
+                else:
+                    self._changed[item_id] = base + row + 1
+                    moved.append(item_id)
+            self._delta.set_many(moved, matrix[[last[i] for i in moved]])
             if self._due_now():
                 self._wake.notify_all()
 
@@ -337,7 +391,8 @@ class IndexManager:
     ) -> VersionInfo:
         """Switch every item vector at once (a new embedding basis) and serve a version of them.
 
-        The version is built from ``vectors`` in the caller's thread; until it is built,
+        The version is built from ``vectors`` (in the build process, the caller's thread
+        waiting; or in the caller's thread with ``build_in_process``); until it is built,
         searches and :meth:`vector` keep answering from the old vectors, so a query never
         mixes the two bases. The caller must not :meth:`upsert` meanwhile (those vectors
         would be in the old basis). Items not in ``vectors`` are dropped, like deletes.
@@ -505,13 +560,16 @@ class IndexManager:
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop the builder thread (a build in progress finishes first) and join it."""
+        """Stop the builder thread and the build process (a build in progress finishes
+        first); a later build starts a new process."""
         with self._lock:
             self._stopping = True
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._builder is not None:
+            self._builder.shutdown()
 
     def rebuild_now(self, wait: bool = True) -> VersionInfo | None:
         """Build a version from the current vectors now.
@@ -583,19 +641,38 @@ class IndexManager:
     def _stack(
         self, vectors: dict[str, npt.NDArray[np.float32]], ids: list[str]
     ) -> npt.NDArray[np.float32]:
-        if not ids:
-            return np.empty((0, self.dims), dtype=np.float32)
-        return np.stack([vectors[i] for i in ids])
+        matrix = np.empty((len(ids), self.dims), dtype=np.float32)
+        # In steps: one copy of a whole large snapshot would hold the GIL for tens of ms.
+        for start in range(0, len(ids), _STACK_CHUNK):
+            chunk = ids[start : start + _STACK_CHUNK]
+            np.stack([vectors[i] for i in chunk], out=matrix[start : start + len(chunk)])
+        return matrix
 
     def _make_version(
         self, ids: list[str], matrix: npt.NDArray[np.float32], basis: bytes | None
     ) -> tuple[Index, VersionInfo, float]:
-        """Build an index of ``ids`` and save it as the next version (errors propagate)."""
-        index = make_index(self.config, self.dims)
-        started = time.perf_counter()
-        index.build(ids, matrix)
-        seconds = time.perf_counter() - started
-        return index, self.store.write(index, seconds, _basis_file(basis)), seconds
+        """Build an index of ``ids`` and save it as the next version (errors propagate).
+
+        Through the build process, the version written there is served memory-mapped.
+        """
+        store = self.store
+        job = BuildJob(
+            store.root,
+            store.keep_versions,
+            self.config,
+            self.dims,
+            ids,
+            matrix,
+            _basis_file(basis),
+        )
+        if self._builder is None:
+            return build_version(job, store)
+        try:
+            info, seconds = self._builder.build(job)
+        except VersionWriteError:
+            store.write_errors += 1  # counted in the child's copy of the store
+            raise
+        return store.load(info.version), info, seconds
 
     def _build(self, reason: str, raise_errors: bool = False) -> VersionInfo | None:
         with self._build_lock:

@@ -4,6 +4,8 @@ Item state is partitioned by item across workers, but each worker's index must h
 item, so each worker reads both changelog topics (behaviour vectors and catalog content
 vectors) from the beginning, all partitions, outside the consumer group, and feeds the
 blended vectors to its index managers. Kafka's compacted changelog is the source of truth.
+Each fetched batch of records is applied at once: one projection, one blend and one index
+update for all the items it touches.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable, Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -18,19 +22,55 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from stream_knn.config import Config
-from stream_knn.embeddings.catalog import blend
 from stream_knn.embeddings.codec import decode_vector
 from stream_knn.embeddings.projection import Projection, SketchProjector
 from stream_knn.embeddings.sketch import ItemState
 from stream_knn.errors import DimensionError
 from stream_knn.serving.service import RecommendationService
 
-__all__ = ["VectorReplica"]
+__all__ = ["Record", "VectorReplica"]
 
 #: Skipped changelog records logged one by one before the log goes quiet about them.
 _SKIPPED_LOGGED = 20
 
 logger = logging.getLogger(__name__)
+
+#: One changelog record: topic, key (the item id) and value (``None``: a tombstone).
+Record = tuple[str, bytes | None, bytes | None]
+
+
+@runtime_checkable
+class _BatchFeed(Protocol):
+    """A service that takes many item vectors at once (one index update per batch)."""
+
+    def upsert_many(self, ids: Sequence[str], vectors: npt.NDArray[np.float32]) -> None: ...
+
+
+def _unit_rows(
+    matrix: npt.NDArray[np.float32], present: npt.NDArray[np.bool_]
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """Rows scaled to unit length, and which are usable: present, finite and not zero."""
+    norms = np.linalg.norm(matrix, axis=1)
+    usable = present & np.isfinite(norms) & (norms > 0.0)
+    scale = np.where(usable, norms, np.float32(1.0)).astype(np.float32)
+    return (matrix / scale[:, None]).astype(np.float32, copy=False), usable
+
+
+def _blend_rows(
+    behaviour: npt.NDArray[np.float32],
+    has_behaviour: npt.NDArray[np.bool_],
+    content: npt.NDArray[np.float32],
+    has_content: npt.NDArray[np.bool_],
+    catalog_weight: float,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """:func:`~stream_knn.embeddings.catalog.blend` of every row at once, and which rows
+    have a vector (the others are to be deleted)."""
+    b, has_b = _unit_rows(behaviour, has_behaviour)
+    c, has_c = _unit_rows(content, has_content)
+    w = np.float32(catalog_weight)
+    both = (has_b & has_c)[:, None]
+    out = np.where(both, (np.float32(1.0) - w) * b + w * c, np.where(has_b[:, None], b, c))
+    return out.astype(np.float32, copy=False), has_b | has_c
 
 
 class VectorReplica:
@@ -80,9 +120,12 @@ class VectorReplica:
             self.caught_up = not pending
             while True:
                 batches = await consumer.getmany(timeout_ms=200)
+                self.apply_many(
+                    (tp.topic, msg.key, msg.value)
+                    for tp, messages in batches.items()
+                    for msg in messages
+                )
                 for tp, messages in batches.items():
-                    for msg in messages:
-                        self.apply(tp.topic, msg.key, msg.value)
                     if tp in pending and messages and messages[-1].offset + 1 >= end[tp]:
                         pending.discard(tp)
                 if not self.caught_up and not pending:
@@ -136,11 +179,21 @@ class VectorReplica:
     def known_items(self) -> set[str]:
         return set(self.projector) | self.content.keys()
 
-    def _blended(self, item_id: str) -> npt.NDArray[np.float32] | None:
-        return blend(
-            self.projector.project(item_id),
-            self.content.get(item_id),
-            self.config.model.catalog_weight,
+    def _blended(
+        self, item_ids: Sequence[str]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+        """The indexed vectors of ``item_ids`` (rows) and which items have one."""
+        behaviour, has_behaviour = self.projector.project_many(item_ids)
+        n, dims = len(item_ids), self.config.model.dims
+        content = np.zeros((n, dims), dtype=np.float32)
+        has_content = np.zeros(n, dtype=np.bool_)
+        for row, item_id in enumerate(item_ids):
+            vector = self.content.get(item_id)
+            if vector is not None:
+                content[row] = vector
+                has_content[row] = True
+        return _blend_rows(
+            behaviour, has_behaviour, content, has_content, self.config.model.catalog_weight
         )
 
     def adopt_basis(self, basis: bytes | None) -> bool:
@@ -173,11 +226,9 @@ class VectorReplica:
         builds); False when no new basis was fitted (no items, or ``sketch_dims == dims``)."""
         if not self.projector.refit():
             return False
-        vectors = {}
-        for item_id in self.known_items():
-            vector = self._blended(item_id)
-            if vector is not None:
-                vectors[item_id] = vector
+        ids = list(self.known_items())
+        matrix, present = self._blended(ids)
+        vectors = {ids[row]: matrix[row] for row in np.flatnonzero(present).tolist()}
         self.service.replace_all(vectors, self.projector.projection.to_bytes())
         return True
 
@@ -211,14 +262,42 @@ class VectorReplica:
         return changed
 
     def apply(self, topic: str, key: bytes | None, value: bytes | None) -> None:
-        """Apply one changelog record (``value`` None is a tombstone) to the service.
+        """Apply one changelog record (``value`` None is a tombstone); see :meth:`apply_many`."""
+        self.apply_many(((topic, key, value),))
 
-        Behaviour records also carry the item's decayed event weight, which becomes its
-        recent popularity: the same on every worker and after a restart.
+    def apply_many(self, records: Iterable[Record]) -> None:
+        """Apply changelog records in order, then serve every item they touched at once.
+
+        The states are decoded record by record; the touched items are projected in one
+        matrix product, blended and upserted as one batch (items left without a vector
+        are deleted). Behaviour records also carry the item's decayed event weight, which
+        becomes its recent popularity: the same on every worker and after a restart.
         """
-        if key is None:
+        touched: dict[str, None] = {}
+        for topic, key, value in records:
+            if key is not None:
+                item_id = key.decode()
+                if self._apply_state(topic, item_id, value):
+                    touched[item_id] = None
+        if not touched:
             return
-        item_id = key.decode()
+        ids = list(touched)
+        matrix, present = self._blended(ids)
+        for row in np.flatnonzero(~present).tolist():
+            self.service.delete(ids[row])
+        rows = np.flatnonzero(present)
+        if not len(rows):
+            return
+        kept = [ids[row] for row in rows.tolist()]
+        service = self.service
+        if isinstance(service, _BatchFeed):
+            service.upsert_many(kept, matrix[rows])
+        else:
+            for item_id, vector in zip(kept, matrix[rows], strict=True):
+                service.upsert(item_id, vector)
+
+    def _apply_state(self, topic: str, item_id: str, value: bytes | None) -> bool:
+        """Store one record's state of ``item_id``; False if it was unreadable (skipped)."""
         model = self.config.model
         behaviour = topic == self.behaviour_topic
         self.records += 1
@@ -228,25 +307,21 @@ class VectorReplica:
                 self.service.popularity.remove(item_id)
             else:
                 self.content.pop(item_id, None)
-        else:
-            try:
-                if behaviour:
-                    state = ItemState.from_bytes(value, model.sketch_dims)
-                    self.projector.set(item_id, state)
-                    self.service.popularity.set(item_id, state.popularity, state.last_ts_ms)
-                else:
-                    self.content[item_id] = decode_vector(value, model.dims)
-            except DimensionError as exc:
-                # E.g. states of another model.sketch_dims in an old changelog: each is
-                # replaced when its item is next updated. Logged one by one up to a limit.
-                self.skipped += 1
-                if self.skipped <= _SKIPPED_LOGGED:
-                    logger.error("skipping item %s from %s: %s", item_id, topic, exc)
-                elif self.skipped == _SKIPPED_LOGGED + 1:
-                    logger.error("more records skipped for the same reason; not logged each")
-                return
-        vector = self._blended(item_id)
-        if vector is None:
-            self.service.delete(item_id)
-        else:
-            self.service.upsert(item_id, vector)
+            return True
+        try:
+            if behaviour:
+                state = ItemState.from_bytes(value, model.sketch_dims)
+                self.projector.set(item_id, state)
+                self.service.popularity.set(item_id, state.popularity, state.last_ts_ms)
+            else:
+                self.content[item_id] = decode_vector(value, model.dims)
+        except DimensionError as exc:
+            # E.g. states of another model.sketch_dims in an old changelog: each is
+            # replaced when its item is next updated. Logged one by one up to a limit.
+            self.skipped += 1
+            if self.skipped <= _SKIPPED_LOGGED:
+                logger.error("skipping item %s from %s: %s", item_id, topic, exc)
+            elif self.skipped == _SKIPPED_LOGGED + 1:
+                logger.error("more records skipped for the same reason; not logged each")
+            return False
+        return True

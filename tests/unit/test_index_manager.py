@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-import stream_knn.index.manager as manager_module
+import stream_knn.index.builder as builder_module
 from stream_knn.config import IndexConfig
 from stream_knn.errors import DimensionError, IndexError_
 from stream_knn.index import ExactIndex, Index, IndexManager, IndexStore, VersionInfo
@@ -23,7 +23,12 @@ QUIET = {"rebuild_interval_seconds": 3600.0, "rebuild_min_changes": 10_000}
 
 
 def _config(**overrides: object) -> IndexConfig:
-    values: dict[str, object] = {"metric": "euclidean", "n_trees": 4, "recall_sample_rate": 0.0}
+    values: dict[str, object] = {
+        "backend": "annoy",
+        "metric": "euclidean",
+        "n_trees": 4,
+        "recall_sample_rate": 0.0,
+    }
     values.update(QUIET)
     values.update(overrides)
     return IndexConfig(**values)  # type: ignore[arg-type]
@@ -141,7 +146,7 @@ def test_rebuild_runs_in_the_background_while_upserts_continue(
     _GatedExact.entered = threading.Event()
     _GatedExact.gate = threading.Event()
     monkeypatch.setattr(
-        manager_module, "make_index", lambda config, dims: _GatedExact(dims, config.metric)
+        builder_module, "make_index", lambda config, dims: _GatedExact(dims, config.metric)
     )
     swaps: list[tuple[VersionInfo, VersionInfo | None]] = []
     m = IndexManager(
@@ -149,6 +154,7 @@ def test_rebuild_runs_in_the_background_while_upserts_continue(
         tmp_path,
         DIMS,
         on_swap=lambda new, old: swaps.append((new, old)),
+        build_in_process=True,  # the gate is a class of this process
     )
     m.start()
     try:
@@ -229,7 +235,7 @@ def test_warm_start_serves_the_newest_valid_version(tmp_path: Path) -> None:
 def test_failed_write_keeps_the_old_version_serving_and_counts_an_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    m = IndexManager(_config(), tmp_path, DIMS)
+    m = IndexManager(_config(), tmp_path, DIMS, build_in_process=True)
     items = _items(20)
     for item_id, vector in items.items():
         m.upsert(item_id, vector)
@@ -345,7 +351,7 @@ def test_replace_all_serves_the_new_vectors_at_once_and_saves_their_basis(
 
 
 def test_replace_all_that_fails_to_build_switches_nothing(tmp_path: Path) -> None:
-    m = IndexManager(_config(), tmp_path, DIMS)
+    m = IndexManager(_config(), tmp_path, DIMS, build_in_process=True)
     m.upsert("a", _vec(1, 0, 0, 0))
     m.rebuild_now()
 
@@ -382,3 +388,148 @@ def test_search_among_many_changed_items_equals_an_exact_search_of_the_current_v
     distances = np.linalg.norm(np.stack([items[i] for i in ids]) - query, axis=1)
     expected = [ids[p] for p in np.argsort(distances, kind="stable")[:10]]
     assert [i for i, _ in found] == expected
+
+
+# -- builds in the build process ------------------------------------------------------------
+
+
+def _refuse_to_build(config: object, dims: int) -> Index:
+    raise AssertionError("the index was built in the worker's process")
+
+
+def test_a_build_in_the_child_process_serves_what_an_in_process_build_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    items = _items(300, seed=11)
+    local = IndexManager(_config(backend="exact"), tmp_path / "local", DIMS, build_in_process=True)
+    for item_id, vector in items.items():
+        local.upsert(item_id, vector)
+    local.rebuild_now()
+    # Building in this process now fails: the child, a fresh interpreter, does not.
+    monkeypatch.setattr(builder_module, "make_index", _refuse_to_build)
+    child = IndexManager(_config(backend="exact"), tmp_path / "child", DIMS)
+    try:
+        for item_id, vector in items.items():
+            child.upsert(item_id, vector)
+        info = child.rebuild_now()
+        assert info is not None
+        assert (child.version, info.item_count, child.pending_items, child.build_errors) == (
+            1,
+            300,
+            0,
+            0,
+        )
+        assert child.store.verify(1).files == info.files
+        for query in list(items.values())[:20]:
+            assert child.search(query, 10) == local.search(query, 10)
+        assert child.similar("i7", 5) == local.similar("i7", 5)
+    finally:
+        child.stop()
+
+
+def test_an_annoy_version_built_in_the_child_process_is_memory_mapped_and_searched(
+    tmp_path: Path,
+) -> None:
+    m = IndexManager(_config(), tmp_path, DIMS)
+    m.start()
+    try:
+        items = _items(200, seed=2)
+        for item_id, vector in items.items():
+            m.upsert(item_id, vector)
+        info = m.rebuild_now()
+        assert info is not None and info.backend == "annoy"
+        assert (m.version, m.pending_items) == (1, 0)
+        for item_id, vector in items.items():
+            assert m.search(vector, 1)[0] == (item_id, pytest.approx(0.0, abs=1e-5))
+        # The builder thread builds through the child too.
+        m.upsert("fresh", _vec(9, 9, 9, 9))
+        m.rebuild_now(wait=False)
+        _wait_for(lambda: m.version == 2, "the background build")
+        assert m.search(_vec(9, 9, 9, 9), 1)[0][0] == "fresh"
+    finally:
+        m.stop()
+    # A build after stop() starts a new child process.
+    m.upsert("later", _vec(-9, -9, -9, -9))
+    assert m.rebuild_now() is not None and m.version == 3
+    m.stop()
+
+
+def test_a_failed_child_build_counts_an_error_and_keeps_the_old_version(tmp_path: Path) -> None:
+    m = IndexManager(_config(), tmp_path, DIMS)
+    try:
+        items = _items(20)
+        for item_id, vector in items.items():
+            m.upsert(item_id, vector)
+        m.rebuild_now()
+        m.upsert("fresh", _vec(7, 7, 7, 7))
+        # A file where the next version's directory goes: the child cannot write it.
+        (tmp_path / "v000002").write_bytes(b"in the way")
+        with pytest.raises(IndexError_, match="could not write index version 2"):
+            m.rebuild_now()
+        assert (m.build_errors, m.version, m.pending_items) == (1, 1, 1)
+        assert m.store.write_errors == 1
+        assert [v.version for v in m.store.versions()] == [1]
+        assert m.search(_vec(7, 7, 7, 7), 1)[0][0] == "fresh"
+        assert m.search(items["i2"], 1)[0][0] == "i2"
+        # Nothing of the failed build is left behind, and the next build succeeds.
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["v000001", "v000002"]
+        (tmp_path / "v000002").unlink()
+        info = m.rebuild_now()
+        assert info is not None and (info.version, m.version, m.pending_items) == (2, 2, 0)
+    finally:
+        m.stop()
+
+
+# -- many vectors at once -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "angular"])
+def test_upsert_many_equals_upserting_each_row_in_order(tmp_path: Path, metric: str) -> None:
+    items = _items(40, seed=4)
+    one, many = (
+        IndexManager(
+            _config(backend="exact", metric=metric), tmp_path / name, DIMS, build_in_process=True
+        )
+        for name in ("one", "many")
+    )
+    for m in (one, many):
+        m.upsert_many(list(items), np.stack(list(items.values())))
+        m.rebuild_now()
+        m.delete("i5")
+    rng = np.random.default_rng(8)
+    # New items, moved items, items set back to their built vector (no change then), a
+    # deleted item brought back, and ids repeated within the batch (the last row wins).
+    ids = ["new0", "i1", "i2", "i3", "i5", "i2", "new0", "i9", "i3"]
+    rows = rng.normal(size=(len(ids), DIMS)).astype(np.float32)
+    rows[3] = items["i3"] * (3.0 if metric == "angular" else 1.0)
+    rows[4] = items["i5"]
+    rows[7] = items["i9"]
+    rows[8] = items["i3"]
+    for item_id, row in zip(ids, rows, strict=True):
+        one.upsert(item_id, row)
+    many.upsert_many(ids, rows)
+    assert many.change_seq == one.change_seq
+    assert many.pending_items == one.pending_items == 3  # new0, i1, i2
+    assert many.item_count == one.item_count == 41
+    for item_id in [*items, "new0"]:
+        a, b = one.vector(item_id), many.vector(item_id)
+        assert a is not None and b is not None
+        assert b.tolist() == a.tolist()
+        assert not b.flags.writeable
+    assert many.vector("new0").tolist() == rows[6].tolist()  # type: ignore[union-attr]
+    for query in rows:
+        assert many.search(query, 8) == one.search(query, 8)
+
+
+def test_upsert_many_rejects_a_bad_batch_whole(manager: IndexManager) -> None:
+    with pytest.raises(DimensionError, match="2 ids for 1 vectors"):
+        manager.upsert_many(["a", "b"], np.ones((1, DIMS), dtype=np.float32))
+    with pytest.raises(DimensionError):
+        manager.upsert_many(["a", "b"], np.ones((2, DIMS - 1), dtype=np.float32))
+    bad = np.ones((2, DIMS), dtype=np.float32)
+    bad[1, 2] = np.nan
+    with pytest.raises(DimensionError, match="row 1"):
+        manager.upsert_many(["a", "b"], bad)
+    assert (manager.item_count, manager.change_seq) == (0, 0)
+    manager.upsert_many([], np.empty((0, DIMS), dtype=np.float32))
+    assert manager.change_seq == 0

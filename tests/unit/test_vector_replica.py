@@ -8,6 +8,8 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from stream_knn.config import Config
+from stream_knn.embeddings.catalog import blend
+from stream_knn.embeddings.codec import encode_vector
 from stream_knn.embeddings.sketch import ItemState
 from stream_knn.index.manager import BASIS_FILE
 from stream_knn.metrics.registry import Metrics
@@ -122,3 +124,73 @@ def test_many_unreadable_records_are_skipped_and_counted(tmp_path: Path) -> None
     replica.apply(replica.behaviour_topic, b"a0", state.to_bytes())
     assert replica.skipped == 30
     assert replica.known_items() == {"a0"} and service.primary.item_count == 1
+
+
+def _mixed_records(replica: VectorReplica) -> list[tuple[str, bytes | None, bytes | None]]:
+    """Behaviour and content records, updates of one item, tombstones, a zero state and
+    an unreadable record: everything the changelogs can hold."""
+    states = _states()
+    rng = np.random.default_rng(5)
+    behaviour, content = replica.behaviour_topic, replica.content_topic
+    records: list[tuple[str, bytes | None, bytes | None]] = [
+        (behaviour, item_id.encode(), state.to_bytes()) for item_id, state in states.items()
+    ]
+    for item_id in ("a0", "b1", "c0", "c1", "c2"):  # a0, b1 both kinds; c* content only
+        records.append((content, item_id.encode(), encode_vector(rng.normal(size=DIMS))))
+    later = ItemState(states["a2"].vector * 2 + 0.5, 2_000, 2, 3.0)
+    records += [
+        (behaviour, b"a2", later.to_bytes()),  # the later state wins
+        (behaviour, b"b5", None),  # gone: deleted
+        (content, b"c1", None),  # gone: deleted
+        (behaviour, b"b1", None),  # content left: served from it alone
+        (behaviour, b"z", ItemState(np.zeros(SKETCH, np.float32), 0, 1, 1.0).to_bytes()),
+        (behaviour, b"x", ItemState(np.ones(DIMS, np.float32), 0, 1, 1.0).to_bytes()),
+        (behaviour, None, b"no key"),
+        (content, b"c2", encode_vector(np.zeros(DIMS))),  # a zero vector: nothing to serve
+    ]
+    return records
+
+
+def test_a_batch_apply_serves_what_applying_each_record_serves(tmp_path: Path) -> None:
+    one, one_service = _replica(tmp_path / "one")
+    whole, whole_service = _replica(tmp_path / "whole")
+    chunked, chunked_service = _replica(tmp_path / "chunked")
+    records = _mixed_records(one)
+    for topic, key, value in records:
+        one.apply(topic, key, value)
+    whole.apply_many(records)
+    for start in range(0, len(records), 4):
+        chunked.apply_many(iter(records[start : start + 4]))
+    expected = one_service.primary.vectors_snapshot()
+    assert set(expected) == {f"a{n}" for n in range(6)} | {"b0", "b1", "b2", "b3", "b4", "c0"}
+    for replica, service in ((whole, whole_service), (chunked, chunked_service)):
+        assert (replica.records, replica.skipped) == (one.records, one.skipped) == (24, 1)
+        assert replica.known_items() == one.known_items()
+        served = service.primary.vectors_snapshot()
+        assert set(served) == set(expected)
+        for item_id, vector in expected.items():
+            np.testing.assert_allclose(served[item_id], vector, rtol=1e-6, atol=1e-7)
+        for item_id in ("a2", "b1", "b5", "c0", "z"):
+            assert service.popularity.score(item_id) == one_service.popularity.score(item_id)
+    # What is served is the documented blend of each item's two vectors.
+    weight = one.config.model.catalog_weight
+    for item_id, vector in expected.items():
+        blended = blend(one.projector.project(item_id), one.content.get(item_id), weight)
+        assert blended is not None
+        np.testing.assert_allclose(vector, blended, rtol=1e-6, atol=1e-7)
+
+
+def test_projecting_many_items_equals_projecting_each(tmp_path: Path) -> None:
+    replica, _ = _replica(tmp_path)
+    for item_id, state in _states().items():
+        replica.apply(replica.behaviour_topic, item_id.encode(), state.to_bytes())
+    replica.refit_now()
+    projector = replica.projector
+    ids = ["b2", "unknown", "a0", "a5"]
+    matrix, known = projector.project_many(ids)
+    assert known.tolist() == [True, False, True, True]
+    assert matrix.shape == (4, DIMS) and not matrix[1].any()
+    for row, item_id in enumerate(ids):
+        single = projector.project(item_id)
+        if single is not None:
+            np.testing.assert_allclose(matrix[row], single, rtol=1e-6, atol=1e-7)

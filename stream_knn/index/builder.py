@@ -1,0 +1,197 @@
+"""Index versions built in a child process, so a build never pauses the worker's event loop.
+
+The child builds the index and writes it as the next version of the
+:class:`~stream_knn.index.store.IndexStore`; the worker's process only memory-maps the
+finished version. The child is started with "spawn": forking a process that runs threads,
+asyncio and librdkafka is unsafe. The vectors go to the child through files next to the
+versions, written in steps that release the GIL (pickling them whole would hold it for
+tens of milliseconds on 100k items).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import pickle
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from stream_knn.config import IndexConfig
+from stream_knn.errors import IndexError_
+from stream_knn.index.base import Index, make_index
+from stream_knn.index.store import IndexStore, VersionInfo
+
+__all__ = ["BuildJob", "BuildProcess", "VersionWriteError", "build_version"]
+
+logger = logging.getLogger(__name__)
+
+#: Ids pickled per step when the vectors are handed to the child.
+_IDS_CHUNK = 4096
+_IDS_FILE = "ids.pickle"
+_MATRIX_FILE = "vectors.npy"
+#: Prefix of the directory handing one job's vectors to the child (not a version).
+_JOB_PREFIX = ".build-"
+#: os.nice increment of the build process: on a busy machine the event loop gets the CPU
+#: first, while a build still gets a share (a stronger increment starves it under load).
+_CHILD_NICENESS = 5
+
+
+class VersionWriteError(IndexError_):
+    """The child built the index but could not write its version (disk full, permissions)."""
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    """Everything a build needs, picklable: the vectors and where the version goes."""
+
+    root: Path
+    keep_versions: int
+    config: IndexConfig
+    dims: int
+    ids: list[str]
+    matrix: npt.NDArray[np.float32]
+    #: More files of the version (name -> content), e.g. the embedding basis.
+    extras: Mapping[str, bytes] = field(default_factory=dict)
+
+
+def build_version(
+    job: BuildJob, store: IndexStore | None = None
+) -> tuple[Index, VersionInfo, float]:
+    """Build the index of ``job`` and write it as the next version of ``store``.
+
+    Returns the index, its version and the build time in seconds (without the write).
+
+    Raises
+    ------
+    VersionWriteError
+        If the index was built but its version could not be written.
+    StreamKnnError
+        If the build fails.
+    """
+    store = IndexStore(job.root, job.keep_versions) if store is None else store
+    index = make_index(job.config, job.dims)
+    started = time.perf_counter()
+    index.build(job.ids, job.matrix)
+    seconds = time.perf_counter() - started
+    try:
+        info = store.write(index, seconds, job.extras)
+    except IndexError_ as exc:
+        raise VersionWriteError(str(exc)) from exc
+    return index, info, seconds
+
+
+def _write_vectors(directory: Path, ids: list[str], matrix: npt.NDArray[np.float32]) -> None:
+    np.save(directory / _MATRIX_FILE, matrix)  # one write, without the GIL
+    with open(directory / _IDS_FILE, "wb") as fh:
+        for start in range(0, len(ids), _IDS_CHUNK):
+            pickle.dump(ids[start : start + _IDS_CHUNK], fh, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _read_vectors(directory: Path) -> tuple[list[str], npt.NDArray[np.float32]]:
+    ids: list[str] = []
+    with open(directory / _IDS_FILE, "rb") as fh:
+        while True:
+            try:
+                ids.extend(pickle.load(fh))
+            except EOFError:
+                break
+    matrix = np.load(directory / _MATRIX_FILE, allow_pickle=False)
+    return ids, np.asarray(matrix, dtype=np.float32)
+
+
+def _build_in_child(job: BuildJob, vectors: Path) -> tuple[VersionInfo, float]:
+    ids, matrix = _read_vectors(vectors)
+    # The index itself stays here: the parent memory-maps the written version.
+    _, info, seconds = build_version(dataclasses.replace(job, ids=ids, matrix=matrix))
+    return info, seconds
+
+
+class BuildProcess:
+    """One child process that builds index versions, started on first use.
+
+    A child that dies (e.g. killed for memory) fails its build; the next build starts a
+    new one. :meth:`shutdown` ends the child; a later build starts another.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._executor: ProcessPoolExecutor | None = None
+
+    def build(self, job: BuildJob) -> tuple[VersionInfo, float]:
+        """Build and write ``job`` in the child; waits (the GIL is free meanwhile).
+
+        Returns the written version and the build time in seconds.
+
+        Raises
+        ------
+        VersionWriteError
+            If the version could not be written.
+        StreamKnnError
+            If the build fails or the child process dies.
+        """
+        with self._lock:
+            if self._executor is None:
+                self._executor = ProcessPoolExecutor(
+                    max_workers=1,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=os.nice,
+                    initargs=(_CHILD_NICENESS,),
+                )
+            executor = self._executor
+        try:
+            job.root.mkdir(parents=True, exist_ok=True)
+            vectors = Path(tempfile.mkdtemp(prefix=_JOB_PREFIX, dir=job.root))
+        except OSError as exc:
+            raise VersionWriteError(
+                f"could not hand the vectors to the index build process under {job.root}: "
+                f"{exc}; free disk space or fix permissions"
+            ) from exc
+        try:
+            try:
+                _write_vectors(vectors, job.ids, job.matrix)
+            except OSError as exc:
+                raise VersionWriteError(
+                    f"could not hand the vectors to the index build process: {exc}; free "
+                    "disk space or fix permissions"
+                ) from exc
+            light = dataclasses.replace(job, ids=[], matrix=job.matrix[:0])
+            try:
+                future = executor.submit(_build_in_child, light, vectors)
+            except BrokenExecutor as exc:
+                raise self._discard(executor, exc) from exc
+            except RuntimeError as exc:  # shut down by another thread meanwhile
+                raise IndexError_(f"the index build process was shut down: {exc}") from exc
+            try:
+                return future.result()
+            except BrokenExecutor as exc:
+                raise self._discard(executor, exc) from exc
+        finally:
+            shutil.rmtree(vectors, ignore_errors=True)
+
+    def _discard(self, executor: ProcessPoolExecutor, exc: BaseException) -> IndexError_:
+        """Forget a child that died, so the next build starts a new one."""
+        with self._lock:
+            if self._executor is executor:
+                self._executor = None
+        executor.shutdown(wait=False)
+        return IndexError_(
+            f"the index build process ended unexpectedly ({exc}); the next build starts a new one"
+        )
+
+    def shutdown(self) -> None:
+        """End the child process (after the build it is running, if any)."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
