@@ -9,7 +9,7 @@ through an anonymous pseudo-random vector) and fade with the item half-life.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +18,7 @@ import orjson
 
 from stream_knn.errors import DimensionError
 
-__all__ = ["Interaction", "UserProfile"]
+__all__ = ["Interaction", "UserProfile", "query_vectors"]
 
 Vector = npt.NDArray[np.float32]
 
@@ -128,30 +128,8 @@ class UserProfile:
         numpy.ndarray or None
             float32 query vector, ``None`` if no item has a (non-zero) vector.
         """
-        ids, coefficients = self.query_weights(now_ms, half_life_seconds)
-        rows: list[Vector] = []
-        kept: list[int] = []
-        for pos, item_id in enumerate(ids):
-            vector = vectors(item_id)
-            if vector is not None:
-                rows.append(vector)
-                kept.append(pos)
-        if not rows:
-            return None
-        # One matrix product instead of a Python loop per item (this runs per event).
-        matrix = np.asarray(rows, dtype=np.float64)
-        with np.errstate(over="ignore", invalid="ignore"):
-            norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix))
-        usable = (norms > 0.0) & np.isfinite(norms)
-        if not usable.all():
-            matrix, norms = matrix[usable], norms[usable]
-            kept = [p for p, ok in zip(kept, usable.tolist(), strict=True) if ok]
-        if not kept:
-            return None
-        total: npt.NDArray[np.float64] = (coefficients[kept] / norms) @ matrix
-        if not np.any(total):
-            return None
-        return total.astype(np.float32)
+        queries, usable = query_vectors([self], vectors, now_ms, half_life_seconds)
+        return queries[0] if usable[0] else None
 
     def query_weights(
         self, now_ms: int, half_life_seconds: float
@@ -222,6 +200,100 @@ class UserProfile:
             for item, t, w in zip(ids, ts.tolist(), weights.tolist(), strict=True)
         )
         return cls(items, int(version))
+
+
+def query_vectors(
+    profiles: Sequence[UserProfile | None],
+    vectors: Callable[[str], Vector | None],
+    now_ms: int | Sequence[int],
+    half_life_seconds: float,
+    dims: int | None = None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """:meth:`UserProfile.query_vector` of many profiles in one numpy pass.
+
+    The item vectors of every profile are gathered into one matrix, scaled by their
+    coefficients (:meth:`UserProfile.query_weights`) over their norms and summed per
+    profile with ``np.add.reduceat``: no numpy call per profile. ``query_vector`` is this
+    function on one profile, so the two agree exactly.
+
+    Parameters
+    ----------
+    profiles
+        The profiles; ``None`` (an unknown user) gets no query.
+    vectors
+        Item id -> current item vector, or ``None`` if the item has none.
+    now_ms
+        Time to decay to, epoch ms: one for all profiles or one per profile.
+    half_life_seconds
+        ``model.profile_half_life_seconds``.
+    dims
+        Width of the result when no profile has an item with a vector (else taken from
+        the vectors).
+
+    Returns
+    -------
+    tuple
+        ``(queries, usable)``: float32 ``(len(profiles), dims)`` query rows and whether
+        each row is a query (``False``: no item with a non-zero vector; the row is zero).
+
+    Examples
+    --------
+    >>> unit = {"a": np.array([3, 4], np.float32), "b": np.array([0, 2], np.float32)}
+    >>> p = UserProfile().add("a", 0, 1.0, cap=5).add("b", 0, 2.0, cap=5)
+    >>> q, ok = query_vectors([p, None], unit.get, 0, 3600.0)
+    >>> q.tolist(), ok.tolist()
+    ([[0.6000000238418579, 2.799999952316284], [0.0, 0.0]], [True, False])
+    """
+    n = len(profiles)
+    times = np.asarray(now_ms, dtype=np.float64)
+    if times.ndim == 0:
+        times = np.full(n, times)
+    elif times.shape != (n,):
+        raise ValueError(f"now_ms has {times.size} times for {n} profiles")
+    counts = np.fromiter((0 if p is None else len(p.items) for p in profiles), np.intp, n)
+    flat = [it for p in profiles if p is not None for it in p.items]
+    width = dims
+    rows: list[Vector] = []
+    kept: list[int] = []
+    for pos, (item_id, _, _) in enumerate(flat):
+        vector = vectors(item_id)
+        if vector is not None:
+            rows.append(vector)
+            kept.append(pos)
+    if rows:
+        width = len(rows[0])
+    out = np.zeros((n, width or 0), dtype=np.float32)
+    usable = np.zeros(n, dtype=np.bool_)
+    if not rows:
+        return out, usable
+    m = len(flat)
+    ts = np.fromiter((t for _, t, _ in flat), dtype=np.float64, count=m)
+    weights = np.fromiter((w for _, _, w in flat), dtype=np.float64, count=m)
+    owners = np.repeat(np.arange(n), counts)
+    present = np.flatnonzero(counts)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))[present]
+    # Decay to the newest interaction (or now, if earlier), as query_weights does.
+    reference = np.full(n, np.nan)
+    reference[present] = np.minimum(times[present], np.maximum.reduceat(ts, starts))
+    elapsed = np.maximum(0.0, reference[owners] - ts)
+    coefficients = weights * np.exp2(-elapsed / (half_life_seconds * 1000.0))
+    matrix = np.asarray(rows, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix))
+    ok = (norms > 0.0) & np.isfinite(norms)
+    picked = np.asarray(kept, dtype=np.intp)[ok]
+    if not len(picked):
+        return out, usable
+    scaled = (coefficients[picked] / norms[ok])[:, None] * matrix[ok]
+    # Rows are grouped by owner in profile order: one segment sum per owner with rows.
+    row_owner = owners[picked]
+    first = np.flatnonzero(np.r_[True, row_owner[1:] != row_owner[:-1]])
+    totals = np.add.reduceat(scaled, first, axis=0)
+    who = row_owner[first]
+    out[who] = totals
+    usable[who] = np.any(totals != 0.0, axis=1)
+    out[~usable] = 0.0
+    return out, usable
 
 
 def _decay(elapsed_ms: float, half_life_seconds: float) -> float:

@@ -12,7 +12,8 @@ and ``manhattan`` the negated distance.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args, runtime_checkable
 
@@ -29,6 +30,9 @@ __all__ = [
     "BACKENDS",
     "IDS_FILE",
     "METRICS",
+    "AutoIndex",
+    "BatchSearch",
+    "HiddenIds",
     "Index",
     "Metric",
     "Neighbours",
@@ -41,12 +45,13 @@ __all__ = [
     "make_index",
     "read_ids",
     "same_vector",
+    "search_many",
     "write_ids",
 ]
 
 Metric = Literal["angular", "euclidean", "dot", "manhattan"]
 METRICS: tuple[str, ...] = get_args(Metric)
-BACKENDS: tuple[str, ...] = ("annoy", "exact", "hnsw")
+BACKENDS: tuple[str, ...] = ("auto", "annoy", "exact", "hnsw")
 
 #: Search result: (item id, score) pairs, best first.
 Neighbours = list[tuple[str, float]]
@@ -92,6 +97,93 @@ class Index(Protocol):
     @property
     def ids(self) -> Sequence[str]:
         """Indexed item ids, in build order."""
+
+
+@runtime_checkable
+class BatchSearch(Protocol):
+    """A backend that answers many queries at once faster than one by one."""
+
+    def search_many(
+        self,
+        queries: npt.NDArray[np.float32],
+        k: int,
+        excludes: Sequence[Collection[str]],
+        shared: Sequence[Collection[str]] = (),
+        executor: Executor | None = None,
+        threads: int = 1,
+    ) -> list[Neighbours]:
+        """What :func:`search_many` returns for this index."""
+
+
+class HiddenIds(Collection[str]):
+    """The ids one query skips: its own exclusions plus ``shared`` ones (a view, no copy).
+
+    ``len`` sizes the first over-fetch of :func:`filtered_search`: every own exclusion (a
+    user's recent items rank high), but at most ``2 * k`` of the shared ids, which may be
+    thousands (the items changed since a build) of which few rank high; a short result
+    fetches again, wider.
+    """
+
+    __slots__ = ("_k", "_own", "_shared")
+
+    def __init__(self, own: Collection[str], shared: Sequence[Collection[str]], k: int) -> None:
+        self._own, self._shared, self._k = own, shared, k
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._own or any(item in part for part in self._shared)
+
+    def __len__(self) -> int:
+        return len(self._own) + min(sum(len(part) for part in self._shared), 2 * self._k)
+
+    def __iter__(self) -> Iterator[str]:
+        seen: set[str] = set()
+        for part in (self._own, *self._shared):
+            for item in part:
+                if item not in seen:
+                    seen.add(item)
+                    yield item
+
+
+def search_many(
+    index: Index,
+    queries: npt.NDArray[np.float32],
+    k: int,
+    excludes: Sequence[Collection[str]],
+    shared: Sequence[Collection[str]] = (),
+    executor: Executor | None = None,
+    threads: int = 1,
+) -> list[Neighbours]:
+    """``index.search(queries[i], k, excludes[i] + shared)`` for every row ``i``, batched.
+
+    A :class:`BatchSearch` backend answers all rows itself (the exact backend: one matrix
+    product). Any other is asked row by row, the rows split into ``threads`` contiguous
+    parts: all but the last are searched on ``executor`` while the calling thread searches
+    the last, which pays off for backends that release the GIL while searching (Annoy).
+    The results are those of the row-by-row searches, in row order.
+    """
+    if len(excludes) != len(queries):
+        raise ValueError(f"got {len(excludes)} exclusion sets for {len(queries)} queries")
+    if isinstance(index, BatchSearch):
+        return index.search_many(queries, k, excludes, shared, executor, threads)
+
+    def run(start: int, stop: int) -> list[Neighbours]:
+        return [
+            index.search(queries[i], k, HiddenIds(excludes[i], shared, k))
+            for i in range(start, stop)
+        ]
+
+    n = len(queries)
+    parts = min(threads, n)
+    if executor is None or parts <= 1:
+        return run(0, n)
+    bounds = [n * j // parts for j in range(parts + 1)]
+    futures = [executor.submit(run, bounds[j], bounds[j + 1]) for j in range(parts - 1)]
+    last = run(bounds[-2], bounds[-1])
+    out: list[Neighbours] = []
+    for future in futures:
+        out.extend(future.result())
+    out.extend(last)
+    return out
 
 
 def check_metric(metric: str, supported: Collection[str], backend: str) -> Metric:
@@ -211,6 +303,104 @@ def same_vector(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32], metric: 
     return bool(np.allclose(a, b, rtol=1e-6, atol=1e-7))
 
 
+class AutoIndex:
+    """Exact search up to ``exact_max_items`` items, Annoy above; chosen at :meth:`build`.
+
+    Built, it is the chosen index (``backend``, ``params``, files and answers are that
+    backend's), so a saved version loads as a plain ``exact`` or ``annoy`` index.
+
+    Parameters
+    ----------
+    dims, metric
+        As for every backend.
+    exact_max_items
+        The largest catalog searched exactly (``index.exact_max_items``).
+    annoy
+        Annoy's parameters (``n_trees``, ``search_k``, ``build_threads``) for larger ones.
+
+    Examples
+    --------
+    >>> index = AutoIndex(2, "dot", exact_max_items=10)
+    >>> index.build(["a", "b"], np.array([[1, 0], [0, 2]], dtype=np.float32))
+    >>> index.backend, index.search(np.array([0, 1], dtype=np.float32), 1)
+    ('exact', [('b', 2.0)])
+    """
+
+    def __init__(self, dims: int, metric: Metric, exact_max_items: int = 0, **annoy: Any) -> None:
+        self.dims = int(dims)
+        self.metric: Metric = check_metric(metric, METRICS, "auto")
+        self.backend = "auto"
+        self.exact_max_items = int(exact_max_items)
+        self._annoy = dict(annoy)
+        self._inner: Index | None = None
+
+    @property
+    def chosen(self) -> Index | None:
+        """The built (or loaded) index, ``None`` before."""
+        return self._inner
+
+    @property
+    def params(self) -> Mapping[str, Any]:
+        if self._inner is not None:
+            return self._inner.params
+        return {"exact_max_items": self.exact_max_items, **self._annoy}
+
+    @property
+    def ids(self) -> Sequence[str]:
+        return () if self._inner is None else self._inner.ids
+
+    def __len__(self) -> int:
+        return 0 if self._inner is None else len(self._inner)
+
+    def build(self, ids: Sequence[str], vectors: npt.NDArray[np.float32]) -> None:
+        if self._inner is not None:
+            raise IndexError_("an index is built once; make a new index to rebuild")
+        exact = len(ids) <= self.exact_max_items
+        inner = create_index(
+            "exact" if exact else "annoy", self.metric, self.dims, {} if exact else self._annoy
+        )
+        inner.build(ids, vectors)
+        self._inner, self.backend = inner, inner.backend
+
+    def search(
+        self, query: npt.NDArray[np.float32], k: int, exclude: Collection[str] = ()
+    ) -> Neighbours:
+        if self._inner is None:
+            as_query(query, self.dims)
+            return []
+        return self._inner.search(query, k, exclude)
+
+    def search_many(
+        self,
+        queries: npt.NDArray[np.float32],
+        k: int,
+        excludes: Sequence[Collection[str]],
+        shared: Sequence[Collection[str]] = (),
+        executor: Executor | None = None,
+        threads: int = 1,
+    ) -> list[Neighbours]:
+        """:func:`search_many` of the chosen index."""
+        if self._inner is None:
+            return [[] for _ in range(len(queries))]
+        return search_many(self._inner, queries, k, excludes, shared, executor, threads)
+
+    def vector(self, item_id: str) -> npt.NDArray[np.float32] | None:
+        return None if self._inner is None else self._inner.vector(item_id)
+
+    def save(self, directory: Path) -> None:
+        if self._inner is None:
+            raise IndexError_("build the index before saving it")
+        self._inner.save(directory)
+
+    def load(self, directory: Path) -> None:
+        # The backend that wrote the files is recognised by its main file.
+        backend = "annoy" if (directory / "index.ann").is_file() else "exact"
+        params = self._annoy if backend == "annoy" else {}
+        inner = create_index(backend, self.metric, self.dims, params)
+        inner.load(directory)
+        self._inner, self.backend = inner, inner.backend
+
+
 def create_index(backend: str, metric: str, dims: int, params: Mapping[str, Any]) -> Index:
     """An empty index of ``backend`` with saved ``params`` (as in ``meta.json``).
 
@@ -219,6 +409,8 @@ def create_index(backend: str, metric: str, dims: int, params: Mapping[str, Any]
     """
     if dims < 1 or not math.isfinite(dims):
         raise DimensionError(f"index dims must be >= 1, got {dims}")
+    if backend == "auto":
+        return AutoIndex(dims, metric, **params)  # type: ignore[arg-type]
     if backend == "annoy":
         from stream_knn.index.annoy_index import AnnoyIndex
 
@@ -237,12 +429,15 @@ def create_index(backend: str, metric: str, dims: int, params: Mapping[str, Any]
 def make_index(config: IndexConfig, dims: int) -> Index:
     """An empty index as ``config`` describes it, for vectors of ``dims`` values."""
     params: dict[str, Any]
+    annoy = {
+        "n_trees": config.n_trees,
+        "search_k": config.search_k,
+        "build_threads": config.build_threads,
+    }
     if config.backend == "annoy":
-        params = {
-            "n_trees": config.n_trees,
-            "search_k": config.search_k,
-            "build_threads": config.build_threads,
-        }
+        params = annoy
+    elif config.backend == "auto":
+        params = {"exact_max_items": config.exact_max_items, **annoy}
     elif config.backend == "hnsw":
         params = {
             "m": config.hnsw_m,

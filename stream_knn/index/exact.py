@@ -7,6 +7,7 @@ beat tree structures up to hundreds of thousands of items.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,13 @@ from stream_knn.index.base import (
     write_ids,
 )
 
-__all__ = ["ExactIndex", "exact_scores", "top_k"]
+__all__ = ["BLOCK_CELLS", "ExactIndex", "exact_scores", "top_k", "top_k_rows"]
 
 _VECTORS_FILE = "vectors.npy"
 #: Queries scored per matrix product in ``search_batch``; bounds the score block's memory.
 _BATCH_ROWS = 256
+#: Score cells (queries x items) per block of a batched search: at most 16 MiB of scores.
+BLOCK_CELLS = 4 * 1024 * 1024
 #: Rows per chunk of the manhattan distance, which has no matrix-product form.
 _MANHATTAN_ROWS = 8192
 
@@ -104,6 +107,17 @@ def top_k(scores: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
     part = np.argpartition(-scores, k - 1)[:k] if k < n else np.arange(n)
     order = np.lexsort((part, -scores[part]))
     return part[order]
+
+
+def top_k_rows(scores: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
+    """:func:`top_k` of every row of ``scores`` (2-d), ``1 <= k <= scores.shape[1]``."""
+    n = scores.shape[1]
+    if k < n:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(n), scores.shape)
+    order = np.lexsort((part, -np.take_along_axis(scores, part, axis=1)), axis=1)
+    return np.asarray(np.take_along_axis(part, order, axis=1), dtype=np.intp)
 
 
 class ExactIndex:
@@ -202,6 +216,50 @@ class ExactIndex:
         for start in range(0, len(qs), _BATCH_ROWS):
             block = self._scores(qs[start : start + _BATCH_ROWS])
             out.extend(self._select(row, k, exclude) for row in block)
+        return out
+
+    def search_many(
+        self,
+        queries: npt.NDArray[np.float32],
+        k: int,
+        excludes: Sequence[Collection[str]],
+        shared: Sequence[Collection[str]] = (),
+        executor: Executor | None = None,
+        threads: int = 1,
+    ) -> list[Neighbours]:
+        """:meth:`search` of each row of ``queries`` with ``excludes[i]`` and every
+        ``shared`` id excluded, batched (see :func:`~stream_knn.index.base.search_many`).
+
+        One matrix product and one row-wise partition per block of queries; the shared
+        exclusions are looked up once per call, not once per query. ``executor`` and
+        ``threads`` are not used: the matrix product already runs on BLAS threads.
+        """
+        qs = as_matrix(queries, self.dims)
+        if len(excludes) != len(qs):
+            raise ValueError(f"got {len(excludes)} exclusion sets for {len(qs)} queries")
+        n = len(self._ids)
+        if k <= 0 or n == 0:
+            return [[] for _ in range(len(qs))]
+        positions = self._positions
+        common = sorted({positions[i] for part in shared for i in part if i in positions})
+        kk = min(k, n)
+        rows = max(1, min(_BATCH_ROWS, BLOCK_CELLS // n))
+        out: list[Neighbours] = []
+        for start in range(0, len(qs), rows):
+            scores = self._scores(qs[start : start + rows])
+            if common:
+                scores[:, common] = -np.inf
+            for row, exclude in enumerate(excludes[start : start + rows]):
+                hidden = [positions[i] for i in exclude if i in positions]
+                if hidden:
+                    scores[row, hidden] = -np.inf
+            best = top_k_rows(scores, kk)
+            picked = np.take_along_axis(scores, best, axis=1)
+            ids = self._ids
+            for pos_row, score_row in zip(best.tolist(), picked.tolist(), strict=True):
+                out.append(
+                    [(ids[p], s) for p, s in zip(pos_row, score_row, strict=True) if s != -np.inf]
+                )
         return out
 
     def vector(self, item_id: str) -> npt.NDArray[np.float32] | None:

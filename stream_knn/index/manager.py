@@ -20,7 +20,8 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +30,16 @@ import numpy.typing as npt
 
 from stream_knn.config import IndexConfig
 from stream_knn.errors import CorruptIndexError, DimensionError, IndexError_, StreamKnnError
-from stream_knn.index.base import Index, Neighbours, as_matrix, as_query
+from stream_knn.index.base import (
+    HiddenIds,
+    Index,
+    Neighbours,
+    as_matrix,
+    as_query,
+    search_many,
+)
 from stream_knn.index.builder import BuildJob, BuildProcess, VersionWriteError, build_version
-from stream_knn.index.exact import ExactIndex, exact_scores, top_k
+from stream_knn.index.exact import BLOCK_CELLS, ExactIndex, exact_scores, top_k, top_k_rows
 from stream_knn.index.store import IndexStore, VersionInfo
 
 __all__ = ["IndexManager"]
@@ -56,38 +64,6 @@ class _Live:
     index: Index
     positions: dict[str, int]
     matrix: npt.NDArray[np.float32]
-
-
-class _Hidden(Collection[str]):
-    """A view of the ids a live-index search skips: the caller's exclusions, items changed
-    since the build and deleted items (no copy of the sets per query).
-
-    ``len`` is what sizes the first over-fetch of :func:`filtered_search`: every caller
-    exclusion (a user's recent items rank high), but at most ``2 * k`` of the changed and
-    deleted ids, which may be thousands of which few rank high; a short result fetches
-    again, wider. Only the event-loop thread mutates the parts, and it is the one searching.
-    """
-
-    __slots__ = ("_changed", "_dead", "_exclude", "_k")
-
-    def __init__(
-        self, exclude: Collection[str], changed: Collection[str], dead: Collection[str], k: int
-    ) -> None:
-        self._exclude, self._changed, self._dead, self._k = exclude, changed, dead, k
-
-    def __contains__(self, item: object) -> bool:
-        return item in self._changed or item in self._exclude or item in self._dead
-
-    def __len__(self) -> int:
-        return len(self._exclude) + min(len(self._changed) + len(self._dead), 2 * self._k)
-
-    def __iter__(self) -> Iterator[str]:
-        seen: set[str] = set()
-        for part in (self._exclude, self._changed, self._dead):
-            for item in part:
-                if item not in seen:
-                    seen.add(item)
-                    yield item
 
 
 class _Delta:
@@ -162,6 +138,40 @@ class _Delta:
             scores[list(hidden)] = -np.inf
             k = min(k, n - len(hidden))
         return [(self._ids[p], float(scores[p])) for p in top_k(scores, k)]
+
+    def search_many(
+        self, queries: npt.NDArray[np.float32], k: int, excludes: Sequence[Collection[str]]
+    ) -> list[Neighbours]:
+        """:meth:`search` of every row of ``queries`` (``excludes[i]`` for row ``i``): one
+        matrix product and one row-wise partition per block of rows."""
+        n = len(self._ids)
+        if n == 0 or k <= 0:
+            return [[] for _ in range(len(queries))]
+        matrix = self._matrix[:n]
+        if self._unit:
+            norms = np.linalg.norm(queries, axis=1, keepdims=True)
+            queries = np.asarray(queries / np.where(norms > 0.0, norms, 1.0), dtype=np.float32)
+        kk = min(k, n)
+        step = max(1, min(256, BLOCK_CELLS // n))
+        ids, out = self._ids, []
+        for start in range(0, len(queries), step):
+            block = queries[start : start + step]
+            scores = (
+                np.asarray(block @ matrix.T, dtype=np.float32)
+                if self._unit
+                else exact_scores(matrix, block, self._metric)
+            )
+            for row, exclude in enumerate(excludes[start : start + step]):
+                hidden = [self._pos[i] for i in exclude if i in self._pos]
+                if hidden:
+                    scores[row, hidden] = -np.inf
+            best = top_k_rows(scores, kk)
+            picked = np.take_along_axis(scores, best, axis=1)
+            for positions, values in zip(best.tolist(), picked.tolist(), strict=True):
+                out.append(
+                    [(ids[p], v) for p, v in zip(positions, values, strict=True) if v != -np.inf]
+                )
+        return out
 
 
 def _index_matrix(index: Index) -> npt.NDArray[np.float32]:
@@ -481,7 +491,7 @@ class IndexManager:
             # its build are skipped there in one pass (their current vectors are searched
             # exactly in the delta): no repeated, ever wider searches when a user's query
             # sits among the items that user has just moved.
-            hidden = _Hidden(exclude, changed, dead, k)
+            hidden = HiddenIds(exclude, (changed, dead), k)
             found = [] if live is None else live.index.search(q, k, hidden)
             with self._lock:
                 if live is not self._live:  # swapped meanwhile: start over on the new one
@@ -494,6 +504,59 @@ class IndexManager:
                 ):
                     self._sample_recall(q, k, exclude, result)
                 return result
+
+    def search_many(
+        self,
+        queries: npt.ArrayLike,
+        k: int,
+        excludes: Sequence[Collection[str]],
+        executor: Executor | None = None,
+        threads: int = 1,
+    ) -> list[Neighbours]:
+        """:meth:`search` of every row of ``queries``, ``excludes[i]`` for row ``i``.
+
+        The same lists as row-by-row searches, made in bulk: the live index through
+        :func:`~stream_knn.index.base.search_many` (an exact backend scores all rows with
+        one matrix product; Annoy is searched from ``threads`` threads, the caller's and
+        ``threads - 1`` of ``executor``, as its search releases the GIL) and the delta
+        with one matrix product for all rows. Recall sampling works as in :meth:`search`.
+
+        Raises
+        ------
+        DimensionError
+            If ``queries`` is not ``(n, dims)`` finite values.
+        ValueError
+            If ``excludes`` does not have one entry per row.
+        """
+        qs = as_matrix(queries, self.dims)
+        if len(excludes) != len(qs):
+            raise ValueError(f"got {len(excludes)} exclusion sets for {len(qs)} queries")
+        if k <= 0 or not len(qs):
+            return [[] for _ in range(len(qs))]
+        while True:
+            with self._lock:
+                live = self._live
+                changed, dead = self._changed, self._tombstones
+            found: list[Neighbours] = (
+                [[] for _ in range(len(qs))]
+                if live is None
+                else search_many(live.index, qs, k, excludes, (changed, dead), executor, threads)
+            )
+            with self._lock:
+                if live is not self._live:  # swapped meanwhile: start over on the new one
+                    continue
+                fresh = self._delta.search_many(qs, k, excludes)
+                results: list[Neighbours] = []
+                for mine, extra in zip(found, fresh, strict=True):
+                    merged = mine + extra
+                    merged.sort(key=lambda pair: -pair[1])
+                    results.append(merged[:k])
+                rate = self.config.recall_sample_rate
+                if rate > 0:
+                    for row, result in enumerate(results):
+                        if self._rng.random() < rate:
+                            self._sample_recall(qs[row], k, excludes[row], result)
+                return results
 
     def similar(self, item_id: str, k: int) -> Neighbours | None:
         """The ``k`` items nearest ``item_id`` (itself excluded), or ``None`` if unknown."""

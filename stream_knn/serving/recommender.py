@@ -7,18 +7,25 @@ agent and ``stream-knn recommend`` all answer through :class:`Recommender`.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from stream_knn.embeddings.profile import UserProfile
+from stream_knn.embeddings.profile import UserProfile, query_vectors
 from stream_knn.serving.cache import QueryCache
 from stream_knn.serving.popularity import Popularity
 
-__all__ = ["Recommendation", "Recommender", "VectorSearch", "apply_weight_function"]
+__all__ = [
+    "ListRequest",
+    "Recommendation",
+    "Recommender",
+    "VectorSearch",
+    "apply_weight_function",
+]
 
 Neighbours = list[tuple[str, float]]
 
@@ -36,9 +43,43 @@ class VectorSearch(Protocol):
         self, query: npt.NDArray[np.float32], k: int, exclude: Collection[str] = ()
     ) -> Neighbours: ...
 
+    def search_many(
+        self,
+        queries: npt.ArrayLike,
+        k: int,
+        excludes: Sequence[Collection[str]],
+        executor: Executor | None = None,
+        threads: int = 1,
+    ) -> list[Neighbours]: ...
+
     def similar(self, item_id: str, k: int) -> Neighbours | None: ...
 
     def vector(self, item_id: str) -> npt.NDArray[np.float32] | None: ...
+
+
+@dataclass(frozen=True)
+class ListRequest:
+    """One list wanted from a batch (:meth:`Recommender.for_many`).
+
+    Attributes
+    ----------
+    user_id
+        The user (assigns the A/B variant).
+    profile
+        The user's profile; ``None`` for an unknown user (the popularity fallback).
+    exclude
+        Items never to return besides the profile's own (e.g. the item just consumed).
+    now_ms
+        Time the profile is decayed to, epoch ms; ``None``: the batch's time.
+    k
+        List length; ``None``: the user's variant's ``k``.
+    """
+
+    user_id: str
+    profile: UserProfile | None
+    exclude: Collection[str] = ()
+    now_ms: int | None = None
+    k: int | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +214,66 @@ class Recommender:
         if key is not None and self.cache is not None:
             self.cache.put(key, result)
         return result
+
+    def for_many(
+        self,
+        requests: Sequence[ListRequest],
+        k: int,
+        now_ms: int,
+        executor: Executor | None = None,
+        threads: int = 1,
+    ) -> list[Recommendation]:
+        """:meth:`for_user` of every request, made in bulk; the same lists.
+
+        The query vectors come from one numpy pass (:func:`query_vectors`), the index is
+        searched once for all of them (:meth:`VectorSearch.search_many`, Annoy from
+        ``threads`` threads of which ``threads - 1`` on ``executor``). The query cache is
+        neither read nor written: on the event path every profile is new, so it never hits.
+        ``k`` and ``now_ms`` apply to the requests that do not set their own.
+        """
+        if not requests:
+            return []
+        version = self.index.version
+        sizes = [r.k if r.k is not None else k for r in requests]
+        seen: list[set[str]] = []
+        for r in requests:
+            hidden = set(r.exclude)
+            if r.profile is not None:
+                hidden |= r.profile.recent_items()
+            seen.append(hidden)
+        queries, usable = query_vectors(
+            [r.profile for r in requests],
+            self.index.vector,
+            [r.now_ms if r.now_ms is not None else now_ms for r in requests],
+            self.profile_half_life_seconds,
+        )
+        # Over-fetch when re-ranking so the blend can promote popular candidates.
+        factor = 3 if self.weight_function == "popularity_blend" else 1
+        found: dict[int, Neighbours] = {}
+        asked = usable.nonzero()[0].tolist()
+        for size in sorted({sizes[i] for i in asked}):
+            rows = [i for i in asked if sizes[i] == size]
+            lists = self.index.search_many(
+                queries[rows], size * factor, [seen[i] for i in rows], executor, threads
+            )
+            found.update(zip(rows, lists, strict=True))
+        out: list[Recommendation] = []
+        for i, size in enumerate(sizes):
+            neighbours = found.get(i)
+            if not neighbours:
+                out.append(
+                    Recommendation(self.popularity.top(size, seen[i]), version, fallback="popular")
+                )
+                continue
+            items = apply_weight_function(
+                neighbours,
+                self.weight_function,
+                self.metric,
+                self.popularity,
+                self.popularity_weight,
+            )[:size]
+            out.append(Recommendation(items, version))
+        return out
 
     def similar(self, item_id: str, k: int) -> Recommendation | None:
         """Items nearest ``item_id`` (never itself), or None for an unknown item."""

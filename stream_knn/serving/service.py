@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,10 @@ from stream_knn.metrics.drift import (
 from stream_knn.metrics.registry import Metrics
 from stream_knn.serving.cache import QueryCache
 from stream_knn.serving.popularity import Popularity
-from stream_knn.serving.recommender import Recommendation, Recommender
+from stream_knn.serving.recommender import ListRequest, Recommendation, Recommender
 from stream_knn.serving.variants import ResolvedVariant, VariantAssigner
 
-__all__ = ["RecommendationService"]
+__all__ = ["ListRequest", "RecommendationService"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,14 @@ class RecommendationService(Service):
         ) = None
         #: Set by :meth:`replace_all`: the next swap changes the basis of every vector.
         self._basis_changed = False
+        #: Searches an Annoy index beside the calling thread in :meth:`recommend_many`;
+        #: its threads start on first use and end on stop.
+        self._search_threads = config.serving.search_threads
+        self._search_pool: ThreadPoolExecutor | None = (
+            ThreadPoolExecutor(self._search_threads - 1, thread_name_prefix="stream-knn-search")
+            if self._search_threads > 1
+            else None
+        )
 
     async def on_start(self) -> None:
         for manager in self.managers.values():
@@ -102,6 +111,9 @@ class RecommendationService(Service):
     async def on_stop(self) -> None:
         for manager in self.managers.values():
             manager.stop()
+        pool, self._search_pool = self._search_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     # -- feeding ---------------------------------------------------------------------------
 
@@ -158,6 +170,53 @@ class RecommendationService(Service):
     ) -> Recommendation:
         variant = variant or self.assigner.assign(user_id)
         return self.recommenders[variant.name].for_user(user_id, profile, k, now_ms, exclude)
+
+    def recommend_many(
+        self,
+        requests: Sequence[ListRequest],
+        now_ms: int,
+        variants: Sequence[ResolvedVariant] | None = None,
+    ) -> list[Recommendation]:
+        """The lists of a whole batch, in request order: what :meth:`recommend` would
+        answer for each request, one at a time, for the same state.
+
+        Requests are grouped by A/B variant (``variants[i]`` if given, else assigned from
+        the user id); each group is answered by its recommender in bulk
+        (:meth:`Recommender.for_many`): one numpy pass for the query vectors, one matrix
+        product for the exact delta, the live index from ``serving.search_threads``
+        threads. The query cache is skipped (on the event path it can never hit); no
+        metric is counted here, so the caller counts once per batch.
+
+        Parameters
+        ----------
+        requests
+            One :class:`ListRequest` per list; ``k`` None means the variant's ``k``,
+            ``now_ms`` None means this call's ``now_ms``.
+        now_ms
+            Time profiles are decayed to, epoch ms, unless a request sets its own.
+        variants
+            The requests' variants, when the caller has assigned them already.
+        """
+        if variants is None:
+            variants = [self.assigner.assign(r.user_id) for r in requests]
+        elif len(variants) != len(requests):
+            raise ValueError(f"got {len(variants)} variants for {len(requests)} requests")
+        groups: dict[str, list[int]] = {}
+        for pos, variant in enumerate(variants):
+            groups.setdefault(variant.name, []).append(pos)
+        out: list[Recommendation | None] = [None] * len(requests)
+        for name, positions in groups.items():
+            variant = variants[positions[0]]
+            answers = self.recommenders[name].for_many(
+                [requests[p] for p in positions],
+                variant.k,
+                now_ms,
+                self._search_pool,
+                self._search_threads if self._search_pool is not None else 1,
+            )
+            for pos, answer in zip(positions, answers, strict=True):
+                out[pos] = answer
+        return [answer for answer in out if answer is not None]
 
     def similar(
         self, item_id: str, k: int, variant: ResolvedVariant | None = None

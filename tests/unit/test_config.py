@@ -14,7 +14,9 @@ def test_defaults_without_file_or_environment():
     config = load_config(environ={})
     assert config == Config()
     assert config.model.dims == 64
-    assert config.index.backend == "annoy"
+    assert config.index.backend == "auto"
+    assert config.index.exact_max_items == 100_000
+    assert config.serving.search_threads == 2
     assert config.serving.variants == (VariantConfig(),)
 
 
@@ -49,10 +51,18 @@ def test_dump_toml_round_trips_with_variants(tmp_path: Path):
         ),
         (
             {"STREAM_KNN_BACKEND": "faiss"},
-            "index.backend = 'faiss' is not valid; valid values: 'annoy', 'exact', 'hnsw'",
+            "index.backend = 'faiss' is not valid; valid values: 'auto', 'annoy', 'exact', 'hnsw'",
         ),
         ({"STREAM_KNN_TREES": "many"}, "index.n_trees = 'many' is not valid; expected an integer"),
         ({"STREAM_KNN_TREES": "0"}, "index.n_trees = 0 is not valid; valid values: integers >= 1"),
+        (
+            {"STREAM_KNN_INDEX__EXACT_MAX_ITEMS": "-1"},
+            "index.exact_max_items = -1 is not valid; valid values: integers >= 0",
+        ),
+        (
+            {"STREAM_KNN_SERVING__SEARCH_THREADS": "0"},
+            "serving.search_threads = 0 is not valid; valid values: integers >= 1",
+        ),
         (
             {"STREAM_KNN_K": "500"},
             "serving.k = 500 is not valid; valid values: integers 1..serving.max_k (200)",

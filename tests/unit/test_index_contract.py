@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +20,14 @@ from stream_knn.index import (
     create_index,
     make_index,
 )
+from stream_knn.index.base import AutoIndex, HiddenIds, search_many
 
 CASES = [
     *[("annoy", m) for m in ("angular", "euclidean", "dot", "manhattan")],
     *[("exact", m) for m in ("angular", "euclidean", "dot", "manhattan")],
     *[("hnsw", m) for m in ("angular", "euclidean", "dot")],
+    # "auto" without parameters searches exactly up to 0 items: Annoy here.
+    *[("auto", m) for m in ("angular", "euclidean", "dot", "manhattan")],
 ]
 IDS = ["a", "b", "c", "d", "e"]
 TINY = np.array([[1, 0], [0, 1], [2, 2], [-1, 0], [3, 0.5]], dtype=np.float32)
@@ -181,7 +185,7 @@ def test_hnsw_rejects_manhattan_with_the_valid_metrics() -> None:
 
 
 def test_make_index_follows_the_config() -> None:
-    annoy = make_index(IndexConfig(n_trees=7, search_k=300, build_threads=1), 8)
+    annoy = make_index(IndexConfig(backend="annoy", n_trees=7, search_k=300, build_threads=1), 8)
     assert isinstance(annoy, AnnoyIndex)
     assert dict(annoy.params) == {"n_trees": 7, "search_k": 300, "build_threads": 1}
     exact = make_index(IndexConfig(backend="exact", metric="dot"), 8)
@@ -191,6 +195,67 @@ def test_make_index_follows_the_config() -> None:
     assert isinstance(hnsw, HnswIndex)
     assert hnsw.params["m"] == 8
     assert hnsw.params["ef_search"] == 32
+
+
+def test_auto_searches_exactly_up_to_exact_max_items_and_saves_as_the_chosen_backend(
+    tmp_path: Path,
+    clustered: tuple[list[str], npt.NDArray[np.float32], npt.NDArray[np.float32]],
+) -> None:
+    ids, vectors, queries = clustered
+    config = IndexConfig(exact_max_items=1_000, n_trees=5, search_k=-1, build_threads=1)
+    for n, backend, kind in ((1_000, "exact", ExactIndex), (1_001, "annoy", AnnoyIndex)):
+        index = make_index(config, 32)
+        assert isinstance(index, AutoIndex) and index.backend == "auto"
+        assert index.search(queries[0], 3) == []
+        index.build(ids[:n], vectors[:n])
+        assert isinstance(index.chosen, kind) and index.backend == backend
+        assert index.params == index.chosen.params
+        directory = tmp_path / backend
+        directory.mkdir()
+        index.save(directory)
+        # What the version store does: the saved backend and parameters make the index.
+        loaded = create_index(index.backend, "angular", 32, index.params)
+        loaded.load(directory)
+        assert [loaded.search(q, 10) for q in queries[:5]] == [
+            index.search(q, 10) for q in queries[:5]
+        ]
+    assert dict(make_index(config, 32).params) == {
+        "exact_max_items": 1_000,
+        "n_trees": 5,
+        "search_k": -1,
+        "build_threads": 1,
+    }
+
+
+@pytest.mark.parametrize(("backend", "metric"), CASES)
+def test_search_many_equals_single_searches(
+    backend: str,
+    metric: str,
+    clustered: tuple[list[str], npt.NDArray[np.float32], npt.NDArray[np.float32]],
+) -> None:
+    ids, vectors, queries = clustered
+    index = _built(backend, metric, ids[:2_000], vectors[:2_000])
+    rng = np.random.default_rng(4)
+    excludes = [{ids[int(i)] for i in rng.integers(0, 2_000, 3)} for _ in range(60)]
+    shared = ({ids[int(i)] for i in rng.integers(0, 2_000, 300)}, {"i5", "gone"})
+    with ThreadPoolExecutor(1) as pool:
+        many = search_many(index, queries[:60], 10, excludes, shared, pool, threads=2)
+    hidden_shared = shared[0] | shared[1]
+    for query, exclude, got in zip(queries[:60], excludes, many, strict=True):
+        one = index.search(query, 10, HiddenIds(exclude, shared, 10))
+        assert [i for i, _ in got] == [i for i, _ in one]
+        # Float32 rounding: a matrix product of many rows may sum in another order.
+        assert [s for _, s in got] == pytest.approx([s for _, s in one], rel=1e-6, abs=1e-5)
+        assert len(got) == 10 and not {i for i, _ in got} & (exclude | hidden_shared)
+    with pytest.raises(ValueError, match="2 exclusion sets for 60 queries"):
+        search_many(index, queries[:60], 10, excludes[:2])
+
+
+def test_exact_search_many_returns_fewer_when_most_items_are_excluded() -> None:
+    index = _built("exact", "dot", IDS, TINY)
+    got = search_many(index, np.stack([QUERY, QUERY]), 4, [{"a", "b"}, set()], [{"e"}])
+    assert [[i for i, _ in row] for row in got] == [["c", "d"], ["c", "a", "b", "d"]]
+    assert [s for _, s in got[1]] == pytest.approx([2.4, 1.0, 0.2, -1.0])
 
 
 def test_exact_search_batch_equals_single_searches() -> None:
