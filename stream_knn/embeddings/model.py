@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+# A module import: stream_knn.core.batch imports this package (cycle resolved at call time).
+import stream_knn.core.batch as core
 from stream_knn.config import EventsConfig, ModelConfig
-from stream_knn.core.batch import learn_item_events, learn_user_events
 from stream_knn.embeddings.catalog import CatalogFeatures, Features, blend, unit
 from stream_knn.embeddings.profile import UserProfile
 from stream_knn.embeddings.projection import Projection, SketchProjector
@@ -97,11 +98,11 @@ class StreamingModel:
         """
         # The worker's learning rule (stream_knn.core), one event at a time.
         event = UserEvent(user_id, item_id, "learn", int(ts_ms), float(weight), "", None, None)
-        batch = learn_user_events(
+        batch = core.learn_user_events(
             (event,), self._profiles, self.config, activity_weighting=self.activity_weighting
         )
         self._profiles[user_id] = batch.emissions[0].profile
-        states = learn_item_events(
+        states = core.learn_item_events(
             batch.item_events, {item_id: self.projector.get(item_id)}, self.sketch
         )
         self.projector.set(item_id, states[item_id])

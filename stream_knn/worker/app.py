@@ -346,7 +346,8 @@ class WorkerApp:
         now = time.time()
         produced = {ev.event_id: produced_s for _, produced_s, ev in valid}
         due: list[tuple[Emission, float]] = []
-        deferred: dict[str, UserProfile] = {}
+        #: Per user, the profile its deferred (coalesced) list will be built from, if any.
+        deferred: dict[str, UserProfile | None] = {}
         for emission in learned.emissions:
             ev = emission.event
             assert ev.item_id is not None
@@ -354,7 +355,7 @@ class WorkerApp:
             produced_s = produced[ev.event_id]
             if self.gate.offer(ev.user_id, (ev, produced_s), now):
                 due.append((emission, produced_s))
-                deferred.pop(ev.user_id, None)
+                deferred[ev.user_id] = None
             else:
                 deferred[ev.user_id] = emission.profile
         observe = self.service.observe
@@ -369,10 +370,11 @@ class WorkerApp:
             )
         for partition, values in by_partition.items():
             self.profile_store.write(partition, values)
-        for user, profile in deferred.items():
-            self.latest_profiles[user] = profile
-        for emission, _ in due:
-            self.latest_profiles.pop(emission.event.user_id, None)
+        for user, maybe_profile in deferred.items():
+            if maybe_profile is None:
+                self.latest_profiles.pop(user, None)
+            else:
+                self.latest_profiles[user] = maybe_profile
         self._send_item_updates(learned.item_events)
         self._emit_many(due)
         # Delivered before take_events acks the batch: at least once.

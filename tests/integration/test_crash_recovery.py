@@ -3,7 +3,8 @@
 The worker is stopped in the middle of a stream (SIGKILL, or SIGTERM for a clean stop),
 restarted on the same data dir (or with its RocksDB directory deleted), and the final
 table state, read from the changelog topics, is compared with a reference computed offline
-with the same cores (:meth:`UserProfile.add`, :meth:`RandomIndexing.update`).
+by the worker's own learning rule (:mod:`stream_knn.core.batch`, the whole stream as one
+batch).
 
 What "at least once" allows, precisely (see :mod:`stream_knn.embeddings.sketch`):
 
@@ -34,6 +35,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from stream_knn.config import Config, load_config
+from stream_knn.core.batch import learn_item_events, learn_user_events
 from stream_knn.embeddings.profile import UserProfile
 from stream_knn.embeddings.sketch import ItemState, RandomIndexing
 from stream_knn.events.schema import UserEvent, parse_user_event
@@ -84,20 +86,6 @@ def _parse(values: list[bytes], config: Config) -> list[UserEvent]:
     return out
 
 
-def _profile_of(events: list[UserEvent], config: Config) -> UserProfile:
-    profile = UserProfile()
-    for ev in events:
-        assert ev.item_id is not None
-        profile = profile.add(
-            ev.item_id,
-            ev.ts_ms,
-            ev.weight,
-            config.model.profile_max_items,
-            config.model.profile_half_life_seconds,
-        )
-    return profile
-
-
 def _reference(values: list[bytes], config: Config) -> _Reference:
     events = _parse(values, config)
     sketch = RandomIndexing(
@@ -105,13 +93,13 @@ def _reference(values: list[bytes], config: Config) -> _Reference:
     )
     by_user: dict[str, list[UserEvent]] = {}
     by_item: dict[str, list[UserEvent]] = {}
-    items: dict[str, ItemState] = {}
     for ev in events:
         assert ev.item_id is not None
         by_user.setdefault(ev.user_id, []).append(ev)
         by_item.setdefault(ev.item_id, []).append(ev)
-        items[ev.item_id] = sketch.update(items.get(ev.item_id), ev.user_id, ev.weight, ev.ts_ms)
-    profiles = {user: _profile_of(evs, config) for user, evs in by_user.items()}
+    learned = learn_user_events(events, {}, config.model)
+    items = learn_item_events(learned.item_events, {}, sketch)
+    profiles = {user: p for user, p in learned.profiles.items() if p is not None}
     return _Reference(events, profiles, items, by_user, by_item)
 
 
