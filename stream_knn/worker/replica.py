@@ -93,6 +93,8 @@ class VectorReplica:
         self._last_refit: float | None = None
         self._gauge_due = 0.0
         self._consumer: AIOKafkaConsumer | None = None
+        # Checked once: a runtime protocol check costs tens of us, more than a record.
+        self._upsert_many = service.upsert_many if isinstance(service, _BatchFeed) else None
 
     async def run(self) -> None:
         cfg = self.config
@@ -289,12 +291,12 @@ class VectorReplica:
         if not len(rows):
             return
         kept = [ids[row] for row in rows.tolist()]
-        service = self.service
-        if isinstance(service, _BatchFeed):
-            service.upsert_many(kept, matrix[rows])
+        if self._upsert_many is not None:
+            self._upsert_many(kept, matrix[rows])
         else:
+            # A service without a batch feed: its per-item upsert (one index update each).
             for item_id, vector in zip(kept, matrix[rows], strict=True):
-                service.upsert(item_id, vector)
+                self.service.upsert(item_id, vector)
 
     def _apply_state(self, topic: str, item_id: str, value: bytes | None) -> bool:
         """Store one record's state of ``item_id``; False if it was unreadable (skipped)."""
