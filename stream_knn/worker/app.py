@@ -56,7 +56,7 @@ from stream_knn.events.schema import (
 )
 from stream_knn.metrics.registry import Metrics
 from stream_knn.serving.coalesce import EmitGate
-from stream_knn.serving.recommender import Recommendation
+from stream_knn.serving.recommender import ListRequest, Recommendation
 from stream_knn.serving.service import RecommendationService
 from stream_knn.worker.consumer import BatchMessage, SeekSafeConsumer
 from stream_knn.worker.output import OutputProducer
@@ -73,6 +73,8 @@ _LAST_LISTS = 200_000  # users whose last list is kept for the online hit rate
 #: pass of the batch core (one RocksDB write batch, one output flush) serves them all.
 _TAKE_BATCHES = 64
 _TAKE_SECONDS = 0.002
+#: Events learned and answered in one synchronous pass of the batch core.
+_CHUNK_EVENTS = 500
 #: Replaced item states logged one by one before the log goes quiet about them.
 _REPLACED_STATES_LOGGED = 20
 
@@ -321,46 +323,58 @@ class WorkerApp:
 
     async def _user_batch(self, messages: list[BatchMessage]) -> None:
         metrics = self.metrics
-        started = time.perf_counter()
         valid, bad = self._parse_user_records(messages)
         if bad:
             metrics.events.labels("invalid", "dlq").inc(len(bad))
             for record in bad:
                 self._send_dlq(record)
+        # A backlog arrives in fetches of thousands: the core takes them in chunks, with
+        # the event loop free in between (heartbeats, HTTP, timers).
+        for start in range(0, len(valid), _CHUNK_EVENTS):
+            if start:
+                await asyncio.sleep(0)
+            self._user_chunk(valid[start : start + _CHUNK_EVENTS])
+        # Delivered before take_events acks the batch: at least once.
+        await self.output.flush()
+        self.profile_store.persist_offsets()
 
-        # Stored profiles of the batch's users: one multi-get per partition.
+    def _user_chunk(self, valid: list[tuple[int, float, UserEvent]]) -> None:
+        """Learn a chunk of valid events, write its state, send its item updates and lists."""
+        metrics = self.metrics
+        started = time.perf_counter()
+        # Stored profiles of the chunk's users: one multi-get per partition.
         partition_of: dict[str, int] = {}
-        for partition, _, ev in valid:
+        counts: Counter[str] = Counter()
+        produced: list[float] = []
+        for partition, produced_s, ev in valid:
             partition_of[ev.user_id] = partition
+            counts[ev.event_type] += 1
+            if ev.event_type != "forget" and ev.item_id is not None:
+                produced.append(produced_s)
         stored = self._read_profiles(partition_of)
         learned = learn_user_events((ev for _, _, ev in valid), stored, self.config.model)
 
-        assign = self.service.assigner.assign
-        counts: Counter[str] = Counter()
-        for _, _, ev in valid:
-            counts[ev.event_type] += 1
         for user in learned.forgotten:
             self.last_lists.pop(user, None)
             self.gate.drop(user)
             self.latest_profiles.pop(user, None)
+        assign = self.service.assigner.assign
+        observe = self.service.observe
+        offer = self.gate.offer
         now = time.time()
-        produced = {ev.event_id: produced_s for _, produced_s, ev in valid}
         due: list[tuple[Emission, float]] = []
         #: Per user, the profile its deferred (coalesced) list will be built from, if any.
         deferred: dict[str, UserProfile | None] = {}
-        for emission in learned.emissions:
+        for emission, produced_s in zip(learned.emissions, produced, strict=True):
             ev = emission.event
             assert ev.item_id is not None
             self._note_online_hit(ev.user_id, ev.item_id, assign(ev.user_id).name)
-            produced_s = produced[ev.event_id]
-            if self.gate.offer(ev.user_id, (ev, produced_s), now):
+            observe(ev)
+            if offer(ev.user_id, (ev, produced_s), now):
                 due.append((emission, produced_s))
                 deferred[ev.user_id] = None
             else:
                 deferred[ev.user_id] = emission.profile
-        observe = self.service.observe
-        for emission in learned.emissions:
-            observe(emission.event)
 
         # State: one RocksDB write batch per partition, changelog records alongside.
         by_partition: dict[int, dict[bytes, bytes | None]] = {}
@@ -377,9 +391,6 @@ class WorkerApp:
                 self.latest_profiles[user] = maybe_profile
         self._send_item_updates(learned.item_events)
         self._emit_many(due)
-        # Delivered before take_events acks the batch: at least once.
-        await self.output.flush()
-        self.profile_store.persist_offsets()
         for event_type, n in counts.items():
             metrics.events.labels(event_type, "ok").inc(n)
         if valid:
@@ -411,27 +422,24 @@ class WorkerApp:
         """Build and send the lists of ``due`` emissions (one batch pass of the service)."""
         if not due:
             return
-        recommend = self.service.recommend
         assign = self.service.assigner.assign
-        lists = [
-            recommend(
-                e.event.user_id,
-                e.profile,
-                assign(e.event.user_id).k,
-                e.event.ts_ms,
-                exclude=(e.event.item_id or "",),
-            )
-            for e, _ in due
-        ]
+        variants = [assign(e.event.user_id) for e, _ in due]
+        lists = self.service.recommend_many(
+            [
+                ListRequest(e.event.user_id, e.profile, (e.event.item_id or "",), e.event.ts_ms)
+                for e, _ in due
+            ],
+            int(time.time() * 1000),
+            variants,
+        )
         emitted_ms = int(time.time() * 1000)
         emitted_s = emitted_ms / 1000.0
         send = self.output.send
         topic = self.recommendations_topic
         sent: Counter[str] = Counter()
         observe = self.metrics.end_to_end_latency.observe
-        for (emission, produced_s), rec in zip(due, lists, strict=True):
+        for (emission, produced_s), rec, variant in zip(due, lists, variants, strict=True):
             ev = emission.event
-            variant = assign(ev.user_id)
             body = _list_record(ev, variant.k, variant.name, rec, emitted_ms)
             send(topic, ev.user_id.encode(), body)
             self._remember_list(ev.user_id, rec.items)
