@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-install
 
-.PHONY: install demo test test-unit test-integration lint bench bench-quick broker-start broker-stop clean
+.PHONY: install demo test test-unit test-integration lint bench bench-quick bench-record broker-start broker-stop clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,11 +36,17 @@ lint: install
 	$(BIN)/ruff format --check stream_knn tests benchmarks
 	$(BIN)/mypy
 
+## Every scenario, each figure beside its reference from the same run (under 15 minutes).
 bench: install
 	$(BIN)/python -m benchmarks.run --full
 
+## The regression guard: fails on a guarded ratio 30% below benchmarks/baseline.json.
 bench-quick: install
 	$(BIN)/python -m benchmarks.run --quick
+
+## A quick run that rewrites benchmarks/baseline.json with its ratios.
+bench-record: install
+	$(BIN)/python -m benchmarks.run --quick --record
 
 broker-start: install
 	$(BIN)/stream-knn broker start

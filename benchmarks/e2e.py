@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,22 @@ import orjson
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from stream_knn.events.producer import TokenBucket, producer_config
-from stream_knn.events.synthetic import SyntheticStream
+from benchmarks.workload import ZipfEvents
+from stream_knn.events.producer import TokenBucket
 
-__all__ = ["Deployment", "RecordTap", "WorkerStats", "raw_consume_rate", "time_gets"]
+__all__ = [
+    "Deployment",
+    "RecordTap",
+    "WorkerStats",
+    "bare_faust_rate",
+    "make_producer",
+    "produce_backlog",
+    "produce_catalog",
+    "produce_paced",
+    "raw_consume_rate",
+    "time_gets",
+    "wait_for",
+]
 
 _ROLES = ("user_events", "item_catalog", "recommendations", "requests", "dlq")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -62,12 +74,20 @@ class WorkerStats:
 
 
 class RecordTap:
-    """A thread reading one topic from the beginning: (consume wall time, record) pairs."""
+    """A thread reading one topic from the beginning with a plain confluent-kafka consumer.
+
+    Keeps the wall time each record was consumed and, per ``event_id`` the records carry,
+    the time the first record with that id was consumed and how many there were.
+    """
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.times: list[float] = []
-        self.event_ts: list[int] = []
-        self.triggers: list[str] = []
+        #: event id -> wall time its first list was consumed.
+        self.first_seen: dict[str, float] = {}
+        #: event id -> lists consumed with that id (more than 1: a duplicate).
+        self.copies: dict[str, int] = {}
+        #: event id -> the worker's ``emitted_ts`` of its first list, in seconds.
+        self.emitted: dict[str, float] = {}
         self._stop = threading.Event()
         self._consumer = Consumer(
             {
@@ -89,13 +109,23 @@ class RecordTap:
                 if msg.error():
                     continue
                 record = orjson.loads(msg.value() or b"null")
-                self.event_ts.append(int(record.get("event_ts") or 0))
-                self.triggers.append(str(record.get("trigger")))
+                event_id = record.get("event_id") if isinstance(record, dict) else None
+                if event_id is not None:
+                    event_id = str(event_id)
+                    if event_id not in self.first_seen:
+                        self.first_seen[event_id] = now
+                        self.emitted[event_id] = float(record.get("emitted_ts") or 0) / 1000.0
+                    self.copies[event_id] = self.copies.get(event_id, 0) + 1
                 self.times.append(now)
         self._consumer.close()
 
     def count(self) -> int:
         return len(self.times)
+
+    def delivered(self, ids: Iterable[str]) -> int:
+        """How many of ``ids`` have had a list consumed."""
+        seen = self.first_seen
+        return sum(1 for i in ids if i in seen)
 
     def stop(self) -> None:
         self._stop.set()
@@ -144,14 +174,15 @@ class Deployment:
         env.update(self.extra_env)
         return env
 
-    def start(self, timeout_s: float = 180.0) -> None:
+    def start(self, timeout_s: float = 180.0, create_topics: bool = True) -> None:
         """Create the topics (4 partitions), start ``stream-knn worker`` and wait for /ready."""
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
-        futures = admin.create_topics(
-            [NewTopic(t, num_partitions=4, replication_factor=1) for t in self.topics.values()]
-        )
-        for future in futures.values():
-            future.result(timeout=30)
+        if create_topics:
+            admin = AdminClient({"bootstrap.servers": self.bootstrap})
+            futures = admin.create_topics(
+                [NewTopic(t, num_partitions=4, replication_factor=1) for t in self.topics.values()]
+            )
+            for future in futures.values():
+                future.result(timeout=30)
         command = [sys.executable]
         if self.profile_path is not None:
             command += ["-m", "cProfile", "-o", str(self.profile_path)]
@@ -227,6 +258,17 @@ class Deployment:
                 future.result(timeout=60)
         shutil.rmtree(self.env()["STREAM_KNN_DATA_DIR"], ignore_errors=True)
 
+    def restart(self, extra_env: dict[str, str]) -> float:
+        """Stop the worker and start it again with ``extra_env``: same topics, app and state.
+
+        Returns the seconds until it was ready again.
+        """
+        self.stop()
+        self.extra_env = dict(extra_env)
+        started = time.monotonic()
+        self.start(create_topics=False)
+        return time.monotonic() - started
+
     def stop(self) -> None:
         """SIGINT first (lets cProfile write its file), then SIGTERM, then SIGKILL."""
         if self.proc is None or self.proc.poll() is not None:
@@ -243,27 +285,31 @@ class Deployment:
                 continue
 
 
-class EventSource:
-    """Synthetic events whose ``ts`` is set to the produce wall time, in ms."""
-
-    def __init__(self, n_users: int, n_items: int, seed: int) -> None:
-        stream = SyntheticStream(n_users=n_users, n_items=n_items, n_clusters=50, seed=seed)
-        self._events: Iterator[dict[str, Any]] = stream.events(10**9)
-        #: Users in the order they first had an event (the HTTP phase asks for these).
-        self.seen_users: dict[str, None] = {}
-
-    def next_event(self) -> tuple[bytes, dict[str, Any]]:
-        event = next(self._events)
-        event["ts"] = int(time.time() * 1000)
-        self.seen_users.setdefault(event["user_id"], None)
-        return event["user_id"].encode(), event
-
-
 def make_producer(bootstrap: str) -> Producer:
-    config = producer_config(bootstrap)
-    # 1 ms instead of 5: the batching delay is part of the end-to-end latency we report.
-    config["linger.ms"] = 1
-    return Producer(config)
+    """A plain confluent-kafka producer, configured here rather than by the project.
+
+    ``murmur2_random`` maps a key to the partition the Java client (and Faust) would pick;
+    a 1 ms linger, because the batching delay is part of the end-to-end latency reported.
+    """
+    return Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "linger.ms": 1,
+            "compression.type": "lz4",
+            "acks": "all",
+            "enable.idempotence": True,
+            "partitioner": "murmur2_random",
+        }
+    )
+
+
+def _produce(producer: Producer, topic: str, value: bytes, key: bytes) -> None:
+    while True:
+        try:
+            producer.produce(topic, value, key)
+            return
+        except BufferError:
+            producer.poll(0.05)
 
 
 def produce_catalog(bootstrap: str, topic: str, vectors: np.ndarray[Any, Any]) -> None:
@@ -280,45 +326,42 @@ def produce_catalog(bootstrap: str, topic: str, vectors: np.ndarray[Any, Any]) -
             except BufferError:
                 producer.poll(0.05)
         producer.poll(0)
-    if producer.flush(120):
-        raise RuntimeError("catalog records not delivered within 120 s")
+    if producer.flush(300):
+        raise RuntimeError("catalog records not delivered within 300 s")
 
 
-def produce_for(
-    producer: Producer,
-    topic: str,
-    source: EventSource,
-    *,
-    rate: float | None,
-    seconds: float | None = None,
-    count: int | None = None,
-) -> tuple[int, float, float]:
-    """Produce at ``rate`` (None = open throttle) for ``seconds`` or ``count`` events.
-
-    Returns (events sent, wall start, wall end of sending).
-    """
-    bucket = TokenBucket(rate, capacity=max(1.0, rate * 0.01)) if rate else None
-    started = time.time()
-    deadline = time.monotonic() + seconds if seconds is not None else None
-    sent = 0
-    while (count is None or sent < count) and (deadline is None or time.monotonic() < deadline):
-        if bucket is not None:
+def produce_paced(
+    producer: Producer, topic: str, source: ZipfEvents, rate: float, seconds: float
+) -> dict[str, float]:
+    """Produce ``rate`` events/s for ``seconds``: event id -> wall time of its produce call."""
+    sent: dict[str, float] = {}
+    # A bank of 10 ms of tokens: the pace stays steady, without bursts after a slow poll.
+    bucket = TokenBucket(rate, capacity=max(1.0, rate * 0.01))
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        wait = bucket.wait()
+        while wait > 0:
+            producer.poll(wait)
             wait = bucket.wait()
-            while wait > 0:
-                producer.poll(wait)
-                wait = bucket.wait()
         key, event = source.next_event()
-        while True:
-            try:
-                producer.produce(topic, orjson.dumps(event), key)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        value = orjson.dumps(event)
+        sent[event["event_id"]] = time.time()
+        _produce(producer, topic, value, key)
         producer.poll(0)
-        sent += 1
-    ended = time.time()
     producer.flush(60)
-    return sent, started, ended
+    return sent
+
+
+def produce_backlog(
+    producer: Producer, topic: str, backlog: list[tuple[bytes, bytes, str]]
+) -> tuple[float, float]:
+    """Produce serialised events as fast as the client goes; (wall start, wall end of flush)."""
+    started = time.time()
+    for key, value, _ in backlog:
+        _produce(producer, topic, value, key)
+    if producer.flush(120):
+        raise RuntimeError(f"backlog not delivered to {topic} within 120 s")
+    return started, time.time()
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, step: float = 0.2) -> bool:
@@ -342,23 +385,61 @@ def raw_consume_rate(bootstrap: str, topic: str, expected: int) -> dict[str, Any
     )
     consumer.subscribe([topic])
     count = 0
-    first: float | None = None
+    first = last = 0.0
     deadline = time.monotonic() + 120
     while count < expected and time.monotonic() < deadline:
         for msg in consumer.consume(1000, timeout=0.5):
             if msg.error():
                 continue
-            if first is None:
-                first = time.perf_counter()
             orjson.loads(msg.value() or b"null")
+            if count == 0:
+                first = time.perf_counter()
             count += 1
-    seconds = time.perf_counter() - (first or time.perf_counter())
+        last = time.perf_counter()
     consumer.close()
+    rate = (count - 1) / (last - first) if count > 1 and last > first else None
     return {
-        "client": "confluent-kafka consume(1000) + orjson.loads",
+        "client": "confluent-kafka consume(1000) + orjson.loads, one process",
         "records": count,
-        "seconds": round(seconds, 3),
-        "records_per_second": round(count / seconds) if seconds > 0 else None,
+        "records_per_second": round(rate) if rate else None,
+        "rate_from": "first record to last",
+    }
+
+
+def bare_faust_rate(bootstrap: str, topic: str, expected: int, root: Path) -> dict[str, Any]:
+    """``benchmarks.bare_faust`` run as its own process on ``topic``: records/s."""
+    out = root / f"bare-faust-{uuid.uuid4().hex[:8]}.json"
+    log = root / "bare-faust.log"
+    command = [sys.executable, "-m", "benchmarks.bare_faust", "--bootstrap", bootstrap]
+    command += ["--topic", topic, "--expected", str(expected), "--out", str(out)]
+    started = time.monotonic()
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(
+            command,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        try:
+            proc.wait(180)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    wall = time.monotonic() - started
+    if not out.exists():
+        return {"error": f"bare Faust agent did not read {expected} records: see {log}"}
+    body = orjson.loads(out.read_bytes())
+    out.unlink()
+    marks = body["marks"]
+    # From its first record to its last: the group join before is start-up, not reading.
+    rate = (body["records"] - 1) / (marks[-1] - marks[0]) if marks[-1] > marks[0] else None
+    return {
+        "client": "faust-streaming agent, async for event in stream.events() + orjson.loads, "
+        "own process, fresh group",
+        "records": body["records"],
+        "records_per_second": round(rate) if rate else None,
+        "process_seconds": round(wall, 1),
     }
 
 

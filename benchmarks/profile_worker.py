@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.e2e import Deployment, produce_for, wait_for
+from benchmarks.e2e import Deployment, produce_backlog, wait_for
 from benchmarks.run import _catalog, say
 from benchmarks.scenarios import Scale, Session
 
@@ -41,13 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         session.start(_catalog(scale.n_items))
         base = dep.events_total()
         started = time.monotonic()
-        sent, _, _ = produce_for(
-            session.producer,
-            dep.topics["user_events"],
-            session.source,
-            rate=None,
-            count=args.events,
-        )
+        backlog = session.source.backlog(args.events)
+        produce_backlog(session.producer, dep.topics["user_events"], backlog)
+        sent = len(backlog)
         done = wait_for(lambda: dep.events_total() - base >= sent, args.timeout, 0.5)
         seconds = time.monotonic() - started
         say(f"{sent:,} events {'processed' if done else 'NOT all processed'} in {seconds:.1f} s")

@@ -1,8 +1,14 @@
 """``python -m benchmarks.run --full|--quick``: measure stream-knn and guard its key ratios.
 
-``--quick`` (under 3 minutes) compares the worker/index and ingest/raw-consume ratios with
-``benchmarks/baseline.json`` and exits 1 on a drop of more than 30%; ``--record`` rewrites
-the baseline. Results go to ``benchmarks/results/<mode>-latest.json`` and
+Each worker figure is put beside a reference measured in the same run on the same broker:
+ingest with coalesced lists beside a bare Faust agent (``benchmarks.bare_faust``) and a raw
+consumer on the same events; one list per event beside the worker's own index queried
+alone; end-to-end latency at paced rates with every list matched to its event; and (full
+only) the same on a 100k-item index rebuilt non-stop.
+
+``--quick`` (under 4 minutes) compares ``worker_over_index`` and ``ingest_over_bare_faust``
+with ``benchmarks/baseline.json`` and exits 1 on a drop of more than 30%; ``--record``
+rewrites the baseline. Results go to ``benchmarks/results/<mode>-latest.json`` and
 ``docs/benchmarks.md``.
 """
 
@@ -35,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 BASELINE = HERE / "baseline.json"
 #: A guarded ratio may fall this much below its baseline before the run fails.
 TOLERANCE = 0.30
-GUARDED = ("worker_over_index", "ingest_over_raw_consume")
+GUARDED = ("worker_over_index", "ingest_over_bare_faust")
 
 _T0 = time.monotonic()
 
@@ -64,91 +70,121 @@ def _sig(value: float) -> float:
     return float(f"{value:.3g}")
 
 
+def _ratio(num: Any, den: Any) -> float | None:
+    return _sig(num / den) if num and den else None
+
+
+def _main_session(args: argparse.Namespace, scale: Scale, root: Path) -> dict[str, Any]:
+    """Paced end-to-end phases and one list per event, 5k items, default settings."""
+    session = Session(Deployment(args.bootstrap, root, "e2e"), scale, say)
+    out: dict[str, Any] = {"config": "defaults (emit_interval_seconds=0)"}
+    try:
+        out["warmup"] = session.start(_catalog(scale.n_items))
+        if scale.full:
+            # HTTP first: it needs a quiet worker (no events in flight, so the cache can hit).
+            out["http"] = session.http_phase()
+        out["rates"] = [session.rate_phase(rate) for rate in scale.rates]
+        out["lists"] = session.lists_phase()
+        session.final_delivery_check(scale.drain_seconds)
+        session.halt()
+        out["index_alone"] = session.index_bound(3.0 if scale.full else 2.0)
+    finally:
+        session.stop()
+    out["lists_over_index"] = _ratio(
+        out["lists"].get("lists_per_second"), out["index_alone"].get("queries_per_second")
+    )
+    return out
+
+
+def _ingest_session(args: argparse.Namespace, scale: Scale, root: Path) -> dict[str, Any]:
+    """A backlog with coalesced lists, then a bare Faust agent and a raw consumer on it."""
+    env = {"STREAM_KNN_SERVING__EMIT_INTERVAL_SECONDS": "1"}
+    session = Session(Deployment(args.bootstrap, root, "ingest", env), scale, say, seed=1)
+    out: dict[str, Any] = {"config": "serving.emit_interval_seconds=1"}
+    try:
+        # No warm-up: the events topic holds the backlog and nothing else.
+        out["warmup"] = session.start(_catalog(scale.n_items), warmup=False)
+        out["phase"] = session.ingest_phase()
+        # The worker is idle now; the references read the same topic one after the other.
+        out["bare_faust"] = session.bare_faust()
+        out["raw_consume"] = session.raw_consume()
+    finally:
+        session.stop()
+    rate = out["phase"].get("events_per_second")
+    out["over_bare_faust"] = _ratio(rate, out["bare_faust"].get("records_per_second"))
+    out["over_raw_consume"] = _ratio(rate, out["raw_consume"].get("records_per_second"))
+    return out
+
+
+#: Rebuild as often as the worker can: after a second and one changed item.
+REBUILD_ENV = {
+    "STREAM_KNN_INDEX__REBUILD_INTERVAL_SECONDS": "1",
+    "STREAM_KNN_INDEX__REBUILD_MIN_CHANGES": "1",
+}
+
+
+def _rebuild_session(args: argparse.Namespace, scale: Scale, root: Path) -> dict[str, Any]:
+    """The main session's phases on a 100k-item catalog whose index is rebuilt non-stop."""
+    dep = Deployment(args.bootstrap, root, "rebuild", dict(REBUILD_ENV))
+    session = Session(dep, scale, say, seed=2)
+    out: dict[str, Any] = {
+        "config": "index.rebuild_interval_seconds=1, index.rebuild_min_changes=1, "
+        f"{scale.rebuild_items:,}-item catalog"
+    }
+    try:
+        out["warmup"] = session.start(_catalog(scale.rebuild_items))
+        out["rates"] = [session.rate_phase(rate) for rate in scale.rates]
+        out["lists"] = session.lists_phase()
+        session.final_delivery_check(scale.drain_seconds)
+        # Ingest on the same worker and catalog: restarted with coalesced lists (restoring
+        # its state and index from disk is cheaper than loading 100k vectors again).
+        restart_s = dep.restart({**REBUILD_ENV, "STREAM_KNN_SERVING__EMIT_INTERVAL_SECONDS": "1"})
+        say(f"[{dep.name}] restarted with emit_interval_seconds=1 in {restart_s:.1f} s")
+        time.sleep(3.0)
+        out["ingest"] = {"restart_seconds": round(restart_s, 1), "phase": session.ingest_phase()}
+        session.halt()
+        out["index_alone"] = session.index_bound(3.0)
+    finally:
+        session.stop()
+    return out
+
+
 def _kafka(args: argparse.Namespace, scale: Scale, out: dict[str, Any]) -> None:
     root = Path(tempfile.mkdtemp(prefix="sknn-bench-"))
     say(f"worker state and logs in {root}")
-    catalog = _catalog(scale.n_items)
-    rates = (500.0, 1000.0, 2000.0)
+    ratios = out["ratios"]
 
-    # 1. End to end: fixed rates, then open throttle; the worker's index measured alone.
-    main = Session(Deployment(args.bootstrap, root, "e2e"), scale, say)
-    try:
-        warm = main.start(catalog)
-        # HTTP first: it needs a quiet worker (no events in flight, so the cache can hit).
-        http_phase = main.http_phase()
-        phases = [main.rate_phase(rate) for rate in rates]
-        open_phase = main.open_phase()
-        bound = main.index_bound(3.0 if scale.full else 2.0)
-    finally:
-        main.stop()
-    worker_rate = open_phase.get("throughput_per_second")
-    out["end_to_end"] = {
-        "n_items": scale.n_items,
-        "n_users": scale.n_users,
-        "warmup": warm,
-        "rates": phases,
-        "open_throttle": open_phase,
-        "index_alone": bound,
-        "config": "defaults (rebuild every 30 s or 5,000 changed items)",
-    }
-    out["http"] = http_phase
-    if worker_rate and bound.get("queries_per_second"):
-        out["ratios"]["worker_over_index"] = _sig(worker_rate / bound["queries_per_second"])
+    # 1. One list per event: paced phases (end to end), then a backlog; the index alone.
+    main = _main_session(args, scale, root)
+    out["http"] = main.pop("http", None)
+    out["end_to_end"] = main
+    ratios["worker_over_index"] = main["lists_over_index"]
 
-    # 2. Ingest with coalesced output, and a raw consumer of the same events topic.
-    ingest = Session(
-        Deployment(
-            args.bootstrap, root, "ingest", {"STREAM_KNN_SERVING__EMIT_INTERVAL_SECONDS": "1"}
-        ),
-        scale,
-        say,
-        seed=1,
-        n_users=scale.ingest_users,
-    )
-    try:
-        ingest.start(catalog)
-        ingest_phase = ingest.ingest_phase()
-        raw = ingest.raw_consume()
-    finally:
-        ingest.stop()
-    ingest_phase["coalescing_effective"] = (
-        ingest_phase.get("recommendations_per_event") or 1.0
-    ) < 0.95
-    out["ingest"] = {"phase": ingest_phase, "raw_consume": raw}
-    if ingest_phase.get("events_per_second") and raw.get("records_per_second"):
-        out["ratios"]["ingest_over_raw_consume"] = _sig(
-            ingest_phase["events_per_second"] / raw["records_per_second"]
-        )
+    # 2. Ingest with coalesced lists, beside a bare Faust agent and a raw consumer.
+    ingest = _ingest_session(args, scale, root)
+    out["ingest"] = ingest
+    ratios["ingest_over_bare_faust"] = ingest["over_bare_faust"]
+    ratios["ingest_over_raw_consume"] = ingest["over_raw_consume"]
 
-    # 3. Rebuild impact (full only): p99 at 1,000 events/s, constant rebuilds vs none.
     if not scale.full:
-        out["rebuild_impact"] = {"skipped": "full mode only"}
+        out["rebuild"] = {"skipped": "full mode only"}
         return
-    impact: dict[str, Any] = {}
-    for name, env in (
-        (
-            "no_rebuild",
-            {
-                "STREAM_KNN_REBUILD_INTERVAL": "3600",
-                "STREAM_KNN_INDEX__REBUILD_MIN_CHANGES": str(int(0.9 * scale.n_items)),
-                "STREAM_KNN_INDEX__MAX_DELTA_ITEMS": "1000000000",
-            },
-        ),
-        (
-            "rebuilding",
-            {"STREAM_KNN_REBUILD_INTERVAL": "1", "STREAM_KNN_INDEX__REBUILD_MIN_CHANGES": "100"},
-        ),
-    ):
-        session = Session(Deployment(args.bootstrap, root, name, env), scale, say, seed=2)
-        try:
-            session.start(catalog)
-            impact[name] = session.rate_phase(1000.0)
-        finally:
-            session.stop()
-    p_no, p_re = impact["no_rebuild"].get("p99_ms"), impact["rebuilding"].get("p99_ms")
-    if p_no and p_re:
-        impact["p99_ratio"] = round(p_re / p_no, 2)
-    out["rebuild_impact"] = impact
+    # 3. The same during non-stop rebuilds of a 100k-item index.
+    rebuild = _rebuild_session(args, scale, root)
+    compare: dict[str, Any] = {}
+    for without, during in zip(main["rates"], rebuild["rates"], strict=True):
+        compare[f"p99_ratio_at_{without['target_rate']:.0f}"] = _ratio(
+            during.get("p99_ms"), without.get("p99_ms")
+        )
+    compare["lists_per_second_ratio"] = _ratio(
+        rebuild["lists"].get("lists_per_second"), main["lists"].get("lists_per_second")
+    )
+    compare["ingest_ratio"] = _ratio(
+        rebuild["ingest"]["phase"].get("events_per_second"),
+        ingest["phase"].get("events_per_second"),
+    )
+    rebuild["compared_with_main"] = compare
+    out["rebuild"] = rebuild
 
 
 def _guard(ratios: dict[str, float], record: bool) -> int:
@@ -179,8 +215,8 @@ def _guard(ratios: dict[str, float], record: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--full", action="store_true", help="everything (about 15-25 minutes)")
-    mode.add_argument("--quick", action="store_true", help="regression guard, under 3 minutes")
+    mode.add_argument("--full", action="store_true", help="every scenario, under 15 minutes")
+    mode.add_argument("--quick", action="store_true", help="regression guard, under 4 minutes")
     parser.add_argument(
         "--bootstrap",
         default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"),
@@ -193,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         help="write the measured ratios to benchmarks/baseline.json",
     )
     parser.add_argument("--skip-kafka", action="store_true", help="core and index only")
+    parser.add_argument(
+        "--large-index",
+        action="store_true",
+        help="also the index backends on 1M items (several minutes more)",
+    )
     args = parser.parse_args(argv)
     name = "full" if args.full else "quick"
     scale = Scale(args.full)
@@ -201,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     out: dict[str, Any] = {
         "mode": name,
+        "format": 2,
         "command": command,
         "machine": describe(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -227,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             say=say,
         )
     ]
-    if args.full:
+    if args.large_index:
         hnsw_small = next(r for r in out["index"][0]["rows"] if r["backend"] == "hnsw")
         estimate = hnsw_small.get("build_seconds", 0.0) * 10 * 1.3
         out["index"].append(

@@ -1,5 +1,6 @@
-"""The Kafka scenarios of the harness: warm-up, HTTP query latency, fixed-rate and
-open-throttle phases, ingest, rebuild impact and the worker's own index measured alone."""
+"""The Kafka scenarios of the harness: warm-up, HTTP query latency, paced end-to-end phases,
+one list per event over a backlog, ingest over a backlog, and the references each is put
+beside (the worker's own index queried alone, a bare Faust agent, a raw consumer)."""
 
 from __future__ import annotations
 
@@ -14,16 +15,18 @@ from confluent_kafka import Producer
 
 from benchmarks.e2e import (
     Deployment,
-    EventSource,
     RecordTap,
+    bare_faust_rate,
     make_producer,
+    produce_backlog,
     produce_catalog,
-    produce_for,
+    produce_paced,
     raw_consume_rate,
     time_gets,
     wait_for,
 )
 from benchmarks.indexes import query_rate
+from benchmarks.workload import ZipfEvents
 from stream_knn.index.store import IndexStore
 
 __all__ = ["Scale", "Session"]
@@ -32,22 +35,30 @@ Say = Callable[[str], None]
 
 
 class Scale:
-    """Sizes and durations of one mode."""
+    """Sizes and durations of one mode (the event load is the same in both)."""
 
     def __init__(self, full: bool) -> None:
         self.full = full
-        self.n_items = 50_000 if full else 5_000
-        self.n_users = 50_000 if full else 5_000
-        #: Few users in the ingest run, so a user has several events per emit interval.
-        self.ingest_users = 500
+        #: Catalog items (with vectors) and the Zipf-popular items events are drawn over.
+        self.n_items = 5_000
+        self.n_users = 10_000
+        #: Catalog of the rebuild scenario (full only).
+        self.rebuild_items = 100_000
+        self.zipf_s = 1.0
         self.warmup_events = 5_000 if full else 2_000
-        self.rate_seconds = 20.0 if full else 4.0
-        self.skip_seconds = 3.0 if full else 1.0
-        #: Open-throttle bursts are larger than the worker drains in ``window_seconds``.
-        self.open_events = 150_000 if full else 40_000
-        self.window_seconds = 20.0 if full else 8.0
-        #: Sequential GETs per endpoint and cache mode in the HTTP phase.
-        self.http_requests = 2_000 if full else 600
+        #: Paced end-to-end phases, events/s; each runs ``rate_seconds``.
+        self.rates: tuple[float, ...] = (500.0, 1000.0, 2000.0) if full else (1000.0,)
+        self.rate_seconds = 15.0 if full else 5.0
+        #: Lists of events produced in a phase's first seconds are left out of its latency.
+        self.skip_seconds = 2.0 if full else 1.0
+        #: After a phase, wait at most this long for its last lists (a worker that keeps
+        #: up needs well under a second).
+        self.drain_seconds = 45.0 if full else 20.0
+        #: Backlog of the one-list-per-event phase and of the ingest phase.
+        self.list_events = 30_000 if full else 15_000
+        self.ingest_events = 60_000
+        #: Sequential GETs per endpoint and cache mode in the HTTP phase (full only).
+        self.http_requests = 2_000
         #: Distinct users (and items) asked over and over in the cached HTTP mode.
         self.http_hot = 20
 
@@ -65,21 +76,25 @@ def _percentiles(values: np.ndarray[Any, Any], digits: int = 1) -> dict[str, flo
 
 
 class Session:
-    """One deployment under load: its worker, a producer, and a tap on its output."""
+    """One worker under load: its deployment, a producer, an event source, a tap on its lists."""
 
-    def __init__(
-        self, dep: Deployment, scale: Scale, say: Say, seed: int = 0, n_users: int | None = None
-    ) -> None:
+    def __init__(self, dep: Deployment, scale: Scale, say: Say, seed: int = 0) -> None:
         self.dep = dep
         self.scale = scale
         self.say = say
         self.producer: Producer = make_producer(dep.bootstrap)
-        self.source = EventSource(n_users or scale.n_users, scale.n_items, seed)
+        self.source = ZipfEvents(
+            scale.n_users, scale.n_items, s=scale.zipf_s, seed=seed, tag=f"{dep.name}{seed}"
+        )
         self.tap: RecordTap | None = None
+        #: Results of the phases that expect one list per event, with their event ids.
+        self._checked: list[tuple[dict[str, Any], list[str]]] = []
+        #: Events produced to the deployment's events topic so far.
         self.produced = 0
+        self.n_catalog = 0
 
-    def start(self, catalog: np.ndarray[Any, Any]) -> dict[str, Any]:
-        """Start the worker, load the catalog, wait for an index, then a first event batch."""
+    def start(self, catalog: np.ndarray[Any, Any], warmup: bool = True) -> dict[str, Any]:
+        """Start the worker, load the catalog, wait for its index, then a warm-up batch."""
         dep, say = self.dep, self.say
         started = time.monotonic()
         say(f"[{dep.name}] starting worker (app id {dep.app_id}, log {dep.log_path})")
@@ -88,28 +103,30 @@ class Session:
         self.tap = RecordTap(dep.bootstrap, dep.topics["recommendations"])
         say(f"[{dep.name}] ready in {ready_s:.1f} s; producing {len(catalog):,} catalog vectors")
         produce_catalog(dep.bootstrap, dep.topics["item_catalog"], catalog)
-        n = len(catalog)
+        self.n_catalog = n = len(catalog)
+        produced_s = time.monotonic() - started
 
         def indexed() -> bool:
             state = dep.index_state()
             return state.get("version") is not None and (state.get("items") or 0) >= 0.9 * n
 
-        if not wait_for(indexed, 600, step=1.0):
-            raise RuntimeError(f"[{dep.name}] no index of the catalog after 600 s: {dep.log_path}")
-        say(f"[{dep.name}] index built: {dep.index_state()}; warm-up events")
-        base = self._events_total()
-        sent, _, _ = produce_for(
-            self.producer,
-            dep.topics["user_events"],
-            self.source,
-            rate=None,
-            count=self.scale.warmup_events,
-        )
-        self.produced += sent
-        wait_for(lambda: self._events_total() - base >= sent, 180, step=0.5)
-        time.sleep(1.0)
+        if not wait_for(indexed, 900, step=1.0):
+            raise RuntimeError(f"[{dep.name}] no index of the catalog after 900 s: {dep.log_path}")
+        indexed_s = time.monotonic() - started
+        say(f"[{dep.name}] index built: {dep.index_state()}")
+        if warmup:
+            base = self._events_total()
+            backlog = self.source.backlog(self.scale.warmup_events)
+            produce_backlog(self.producer, dep.topics["user_events"], backlog)
+            self.produced += len(backlog)
+            wait_for(lambda: self._events_total() - base >= len(backlog), 180, step=0.5)
+            time.sleep(1.0)
         return {
             "ready_seconds": round(ready_s, 1),
+            "catalog_items": n,
+            "catalog_produced_seconds": round(produced_s - ready_s, 1),
+            "catalog_indexed_seconds": round(indexed_s - produced_s, 1),
+            "warmup_events": self.scale.warmup_events if warmup else 0,
             "warmup_seconds": round(time.monotonic() - started, 1),
         }
 
@@ -131,7 +148,7 @@ class Session:
         # Every catalog vector that reaches the replica bumps the change counter (and so
         # invalidates the cache): wait for the whole catalog, then for the item-vector
         # updates of the last warm-up events, which trail their recommendations a little.
-        wait_for(lambda: self._replicated() >= scale.n_items, 120, step=1.0)
+        wait_for(lambda: self._replicated() >= self.n_catalog, 120, step=1.0)
         time.sleep(2.0)
         users = list(self.source.seen_users)
         if len(users) < hot:
@@ -139,7 +156,7 @@ class Session:
         rng = np.random.default_rng(5)
         keys = {
             "recommendations": [f"/recommendations/{u}?k=10" for u in rng.permutation(users)],
-            "similar": [f"/similar/i{i}?k=10" for i in rng.permutation(scale.n_items)],
+            "similar": [f"/similar/i{i}?k=10" for i in rng.permutation(self.n_catalog)],
         }
         result: dict[str, Any] = {
             "requests_per_phase": n,
@@ -195,84 +212,163 @@ class Session:
         misses = self.dep.metric("stream_knn_cache_misses_total")
         return hits or 0.0, misses or 0.0
 
+    def _drain(self, ids: list[str], cap: float) -> float:
+        """Wait until every id of ``ids`` has a list, ``cap`` s pass, or 10 s bring none."""
+        assert self.tap is not None
+        tap = self.tap
+        deadline = time.monotonic() + cap
+        last, last_change = -1, time.monotonic()
+        started = time.monotonic()
+        while time.monotonic() < deadline:
+            done = tap.delivered(ids)
+            if done >= len(ids):
+                break
+            if done != last:
+                last, last_change = done, time.monotonic()
+            elif time.monotonic() - last_change > 10.0:
+                break
+            time.sleep(0.2)
+        return time.monotonic() - started
+
+    def _delivery(self, ids: list[str]) -> dict[str, Any]:
+        assert self.tap is not None
+        copies = self.tap.copies
+        delivered = sum(1 for i in ids if i in copies)
+        return {
+            "sent": len(ids),
+            "delivered": delivered,
+            "missing": len(ids) - delivered,
+            "duplicates": sum(copies[i] - 1 for i in ids if i in copies),
+            "every_list_delivered": delivered == len(ids),
+        }
+
+    def final_delivery_check(self, cap: float) -> None:
+        """Wait (up to ``cap`` s) for lists still missing, then recount every phase.
+
+        A phase's own wait is bounded, so a worker that falls behind leaves lists for
+        later; they count as delivered (late) if they arrive before this check ends.
+        """
+        outstanding = [i for _, ids in self._checked for i in ids]
+        if outstanding:
+            self._drain(outstanding, cap)
+        for result, ids in self._checked:
+            in_phase = result["delivered"]
+            result.update(self._delivery(ids))
+            result["delivered_late"] = result["delivered"] - in_phase
+
+    def halt(self) -> None:
+        """Stop the tap and the worker; its state stays on disk until :meth:`stop`."""
+        if self.tap is not None:
+            self.tap.stop()
+            self.tap = None
+        self.dep.stop()
+
     def rate_phase(self, rate: float) -> dict[str, Any]:
-        """Produce at ``rate`` events/s; latency and throughput over the steady part."""
+        """Events paced at ``rate``/s; event produced -> list consumed, matched by event id.
+
+        Latency percentiles cover the events sent after the phase's first ``skip_seconds``;
+        lists/s counts this phase's lists consumed in that same window. The phase keeps up
+        when those lists come at least at 95% of the rate and the last list of the phase
+        is consumed within 1 s of the last event sent.
+        """
         assert self.tap is not None
         dep, tap, scale = self.dep, self.tap, self.scale
         stats = dep.stats()
-        cpu0, idx0, n0 = stats.cpu_seconds(), dep.index_state(), tap.count()
-        sent, t0, t1 = produce_for(
-            self.producer,
-            dep.topics["user_events"],
-            self.source,
-            rate=rate,
-            seconds=scale.rate_seconds,
+        cpu0, idx0 = stats.cpu_seconds(), dep.index_state()
+        t0 = time.time()
+        sent = produce_paced(
+            self.producer, dep.topics["user_events"], self.source, rate, scale.rate_seconds
         )
-        self.produced += sent
-        wait_for(lambda: tap.count() - n0 >= sent, min(15.0, scale.rate_seconds))
-        t_end = time.time()
+        t1 = time.time()
+        self.produced += len(sent)
         cpu1, idx1 = stats.cpu_seconds(), dep.index_state()
-        times = np.asarray(tap.times[n0:])
-        ets = np.asarray(tap.event_ts[n0:], dtype=np.float64) / 1000.0
-        steady = (ets >= t0 + scale.skip_seconds) & (ets <= t1)
-        latency = (times[steady] - ets[steady]) * 1000.0
-        window = t1 - t0 - scale.skip_seconds
-        in_window = int(((times >= t0 + scale.skip_seconds) & (times <= t1)).sum())
-        result = {
+        ids = list(sent)
+        waited = self._drain(ids, scale.drain_seconds)
+        seen = tap.first_seen
+        steady = [i for i in ids if sent[i] >= t0 + scale.skip_seconds]
+        latency = np.array([seen[i] - sent[i] for i in steady if i in seen]) * 1000.0
+        # The worker's own stamp: how much of the latency is before the list was sent.
+        emitted = np.array([tap.emitted[i] - sent[i] for i in steady if i in seen]) * 1000.0
+        window = t1 - (t0 + scale.skip_seconds)
+        in_window = sum(1 for i in ids if i in seen and t0 + scale.skip_seconds <= seen[i] <= t1)
+        last_list = max((seen[i] for i in ids if i in seen), default=None)
+        drain = None if last_list is None else max(0.0, last_list - max(sent.values()))
+        throughput = in_window / window if window > 0 else 0.0
+        result: dict[str, Any] = {
             "target_rate": rate,
-            "sent": sent,
-            "produced_rate": round(sent / (t1 - t0)),
-            "recommendations": int(times.size),
-            "throughput_per_second": round(in_window / window),
+            "produced_rate": round(len(sent) / (t1 - t0)),
+            **self._delivery(ids),
+            "lists_per_second": round(throughput),
+            "last_list_after_last_event_seconds": None if drain is None else round(drain, 2),
+            "keeps_up": throughput >= 0.95 * rate and drain is not None and drain <= 1.0,
             **_percentiles(latency),
             "latency_samples": int(latency.size),
-            "worker_cpu_percent": round(100 * (cpu1 - cpu0) / (t_end - t0), 1),
+            "to_emitted": _percentiles(emitted),
+            "worker_cpu_percent": round(100 * (cpu1 - cpu0) / (t1 - t0), 1),
             "worker_peak_rss_mib": round(stats.peak_rss_mib(), 1),
             "index_builds": _builds(idx0, idx1),
-            "last_build_seconds": idx1.get("last_build_seconds"),
+            "last_build_seconds": _round(idx1.get("last_build_seconds")),
+            "drain_wait_seconds": round(waited, 1),
         }
+        self._checked.append((result, ids))
         self.say(
-            f"[{dep.name}] {rate:,.0f} ev/s: {result['throughput_per_second']:,} recs/s, "
+            f"[{dep.name}] {rate:,.0f} ev/s: {result['lists_per_second']:,} lists/s, "
             f"p50 {result['p50_ms']} p95 {result['p95_ms']} p99 {result['p99_ms']} ms, "
+            f"{result['delivered']:,}/{result['sent']:,} delivered"
+            f"{'' if result['keeps_up'] else ', does NOT keep up'}, "
             f"cpu {result['worker_cpu_percent']}%, builds {result['index_builds']}"
         )
         return result
 
-    def open_phase(self) -> dict[str, Any]:
-        """A burst produced as fast as possible; the worker's drain rate of recommendations."""
+    def lists_phase(self) -> dict[str, Any]:
+        """A backlog of events at emit_interval 0: lists consumed/s while the worker drains it.
+
+        The backlog is serialised first and produced in one burst (far faster than any
+        worker drains it); the rate is the backlog's size over the time from its first event
+        produced to its last list consumed, counting only this backlog's lists (by event id).
+        """
         assert self.tap is not None
-        dep, tap, n_events = self.dep, self.tap, self.scale.open_events
+        dep, tap, n = self.dep, self.tap, self.scale.list_events
+        backlog = self.source.backlog(n)
+        ids = [event_id for _, _, event_id in backlog]
         stats = dep.stats()
-        cpu0, idx0, n0 = stats.cpu_seconds(), dep.index_state(), tap.count()
-        sent, t0, t1 = produce_for(
-            self.producer, dep.topics["user_events"], self.source, rate=None, count=n_events
-        )
-        self.produced += sent
-        window = self.scale.window_seconds
-        wait_for(lambda: tap.count() - n0 >= sent, max(0.0, t0 + window - time.time()), 0.5)
+        cpu0, idx0 = stats.cpu_seconds(), dep.index_state()
+        t0, t1 = produce_backlog(self.producer, dep.topics["user_events"], backlog)
+        self.produced += n
+        self._drain(ids, max(60.0, n / 500.0))
         t_end = time.time()
         cpu1, idx1 = stats.cpu_seconds(), dep.index_state()
-        times = np.asarray(tap.times[n0:])
-        rate = _middle_rate(times[times <= t0 + window])
+        times = sorted(tap.first_seen[i] for i in ids if i in tap.first_seen)
+        drain = times[-1] - t0 if times else None
         result = {
-            "sent": sent,
-            "produced_rate": round(sent / max(1e-9, t1 - t0)),
-            "recommendations": int(times.size),
-            "throughput_per_second": round(rate) if rate else None,
+            **self._delivery(ids),
+            "produce_seconds": round(t1 - t0, 2),
+            "lists_per_second": round(len(times) / drain) if drain else None,
+            "drain_seconds": None if drain is None else round(drain, 2),
+            "first_list_seconds": round(times[0] - t0, 2) if times else None,
+            "lists_per_half_second": _timeline(times, t0),
             "worker_cpu_percent": round(100 * (cpu1 - cpu0) / (t_end - t0), 1),
             "worker_peak_rss_mib": round(stats.peak_rss_mib(), 1),
             "index_builds": _builds(idx0, idx1),
         }
+        self._checked.append((result, ids))
         self.say(
-            f"[{dep.name}] open throttle: {sent:,} events produced at "
-            f"{result['produced_rate']:,}/s, worker {result['throughput_per_second']} recs/s"
+            f"[{dep.name}] one list per event: backlog of {n:,} produced in "
+            f"{result['produce_seconds']} s, {result['lists_per_second']} lists/s, "
+            f"{result['delivered']:,}/{n:,} delivered; per 0.5 s: "
+            f"{result['lists_per_half_second']}"
         )
         return result
 
     def ingest_phase(self) -> dict[str, Any]:
-        """Open throttle, rate from the worker's ``stream_knn_events_total`` counter."""
+        """A backlog of events at emit_interval 1: events/s from ``stream_knn_events_total``.
+
+        The counter is sampled every 0.1 s; the rate is the backlog's size over the time
+        from its first event produced to the moment the counter passed it (interpolated).
+        """
         assert self.tap is not None
-        dep, tap, n_events = self.dep, self.tap, self.scale.open_events
+        dep, tap, n = self.dep, self.tap, self.scale.ingest_events
+        backlog = self.source.backlog(n)
         stats = dep.stats()
         base = self._events_total()
         n0 = tap.count()
@@ -281,53 +377,63 @@ class Session:
 
         def sample() -> None:
             while not done.is_set():
-                samples.append((time.monotonic(), self._events_total() - base))
-                time.sleep(0.25)
+                samples.append((time.time(), self._events_total() - base))
+                time.sleep(0.1)
 
         sampler = threading.Thread(target=sample, daemon=True)
-        cpu0 = stats.cpu_seconds()
-        t0 = time.time()
+        cpu0, idx0 = stats.cpu_seconds(), dep.index_state()
         sampler.start()
-        sent, _, _ = produce_for(
-            self.producer, dep.topics["user_events"], self.source, rate=None, count=n_events
-        )
-        self.produced += sent
-        wait_for(
-            lambda: bool(samples) and samples[-1][1] >= sent,
-            max(0.0, t0 + self.scale.window_seconds - time.time()),
-            0.5,
-        )
+        t0, t1 = produce_backlog(self.producer, dep.topics["user_events"], backlog)
+        self.produced += n
+        wait_for(lambda: bool(samples) and samples[-1][1] >= n, max(60.0, n / 300.0), 0.5)
         done.set()
         sampler.join(5)
         t_end = time.time()
-        cpu1 = stats.cpu_seconds()
-        time.sleep(2.0)  # let the last coalesced emissions arrive
-        counter_rate = _counter_rate(samples)
-        recs = tap.count() - n0
+        cpu1, idx1 = stats.cpu_seconds(), dep.index_state()
+        time.sleep(2.0)  # the last coalesced lists are due a second after their event
+        done_at = _crossing(samples, n)
+        rate = n / (done_at - t0) if done_at else None
         processed = int(samples[-1][1]) if samples else 0
+        lists = tap.count() - n0
         result = {
-            "sent": sent,
-            "events_per_second": round(counter_rate) if counter_rate else None,
+            "events": n,
             "processed": processed,
-            "recommendations": recs,
-            "recommendations_per_event": round(recs / processed, 3) if processed else None,
+            "produce_seconds": round(t1 - t0, 2),
+            "events_per_second": round(rate) if rate else None,
+            "drain_seconds": round(done_at - t0, 2) if done_at else None,
+            "events_per_half_second": _timeline_counts(samples, t0),
+            "lists": lists,
+            "lists_per_event": round(lists / processed, 3) if processed else None,
             "worker_cpu_percent": round(100 * (cpu1 - cpu0) / (t_end - t0), 1),
             "worker_peak_rss_mib": round(stats.peak_rss_mib(), 1),
-            "source": "slope of stream_knn_events_total on /metrics after its first second",
+            "index_builds": _builds(idx0, idx1),
+            "source": "stream_knn_events_total on /metrics, sampled every 0.1 s",
         }
         self.say(
-            f"[{dep.name}] ingest: {result['events_per_second']} events/s, "
-            f"{recs:,} recommendations for {processed:,} events processed"
+            f"[{dep.name}] ingest: backlog of {n:,} produced in {result['produce_seconds']} s, "
+            f"{result['events_per_second']} events/s, {lists:,} lists for {processed:,} events; "
+            f"per 0.5 s: {result['events_per_half_second']}"
         )
         return result
 
+    def bare_faust(self) -> dict[str, Any]:
+        """A bare Faust agent reading every event of this deployment's events topic."""
+        topic = self.dep.topics["user_events"]
+        result = bare_faust_rate(self.dep.bootstrap, topic, self.produced, self.dep.root)
+        self.say(f"[{self.dep.name}] bare Faust agent: {result.get('records_per_second')} rec/s")
+        return result
+
     def raw_consume(self) -> dict[str, Any]:
-        result = raw_consume_rate(self.dep.bootstrap, self.dep.topics["user_events"], self.produced)
+        topic = self.dep.topics["user_events"]
+        result = raw_consume_rate(self.dep.bootstrap, topic, self.produced)
         self.say(f"[{self.dep.name}] raw consume: {result['records_per_second']} records/s")
         return result
 
     def index_bound(self, seconds: float) -> dict[str, Any]:
-        """The worker's latest saved index, loaded here: single-thread queries/s (k=10)."""
+        """The worker's latest saved index, loaded here: single-thread queries/s (k=10).
+
+        Run after :meth:`halt`, so that nothing else competes for the cores.
+        """
         root = Path(self.dep.env()["STREAM_KNN_DATA_DIR"]) / "index"
         found = IndexStore(root).latest_valid()
         if found is None:
@@ -355,10 +461,12 @@ class Session:
 
     def stop(self) -> None:
         """Stop the tap and the worker, then delete the topics and the worker's state."""
-        if self.tap is not None:
-            self.tap.stop()
-        self.dep.stop()
+        self.halt()
         self.dep.cleanup()
+
+
+def _round(value: Any, digits: int = 2) -> Any:
+    return round(value, digits) if isinstance(value, float) else value
 
 
 def _builds(before: dict[str, Any], after: dict[str, Any]) -> int | None:
@@ -368,22 +476,35 @@ def _builds(before: dict[str, Any], after: dict[str, Any]) -> int | None:
     return int(v1) - int(v0)
 
 
-def _middle_rate(times: np.ndarray[Any, Any]) -> float | None:
-    """Records/s between the 10th and the 90th percentile record of a drain."""
-    if times.size < 20:
-        return None
-    ordered = np.sort(times)
-    lo, hi = int(0.1 * ordered.size), int(0.9 * ordered.size)
-    span = ordered[hi] - ordered[lo]
-    return (hi - lo) / span if span > 0 else None
+def _crossing(samples: list[tuple[float, float]], target: float) -> float | None:
+    """When a sampled cumulative count reached ``target`` (interpolated), or None."""
+    before = (samples[0][0], 0.0) if samples else (0.0, 0.0)
+    for t, n in samples:
+        if n >= target:
+            t0, n0 = before
+            return t0 + (t - t0) * ((target - n0) / (n - n0)) if n > n0 else t
+        before = (t, n)
+    return None
 
 
-def _counter_rate(samples: list[tuple[float, float]]) -> float | None:
-    """Counter slope from one second after it first moved to its last change."""
-    moving = [s for s in samples if s[1] > 0]
-    if len(moving) < 3:
-        return None
-    start = next((s for s in moving if s[0] >= moving[0][0] + 1.0), moving[0])
-    last = max(moving, key=lambda s: s[1])
-    end = next(s for s in moving if s[1] >= last[1])
-    return (end[1] - start[1]) / (end[0] - start[0]) if end[0] > start[0] else None
+def _timeline(times: list[float], t0: float, step: float = 0.5) -> list[int]:
+    """How many of ``times`` fall in each ``step`` seconds after ``t0``."""
+    if not times:
+        return []
+    counts = np.bincount(((np.asarray(times) - t0) / step).clip(0).astype(int))
+    return [int(c) for c in counts]
+
+
+def _timeline_counts(samples: list[tuple[float, float]], t0: float, step: float = 0.5) -> list[int]:
+    """Increase of a sampled cumulative count in each ``step`` seconds after ``t0``."""
+    out: list[int] = []
+    edge, last = t0 + step, 0.0
+    for t, n in samples:
+        while t >= edge:
+            out.append(int(last - sum(out)))
+            edge += step
+        last = n
+    out.append(int(last - sum(out)))
+    while out and out[-1] == 0:
+        out.pop()
+    return out
