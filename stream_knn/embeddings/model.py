@@ -22,10 +22,11 @@ import numpy.typing as npt
 import stream_knn.core.batch as core
 from stream_knn.config import EventsConfig, ModelConfig
 from stream_knn.embeddings.catalog import CatalogFeatures, Features, blend, unit
-from stream_knn.embeddings.profile import UserProfile
+from stream_knn.embeddings.profile import UserProfile, query_vectors
 from stream_knn.embeddings.projection import Projection, SketchProjector
 from stream_knn.embeddings.sketch import ItemState, RandomIndexing
 from stream_knn.events.schema import UserEvent
+from stream_knn.index.exact import top_k
 
 __all__ = ["StreamingModel"]
 
@@ -198,14 +199,15 @@ class StreamingModel:
         profile = self._profiles.get(user_id)
         if profile is None:
             return None
-        ids, coefficients = profile.query_weights(now_ms, self.config.profile_half_life_seconds)
-        rows = [self._rows.get(i) for i in ids]
-        keep = [j for j, r in enumerate(rows) if r is not None]
-        if not keep:
-            return None
-        index = np.fromiter((rows[j] for j in keep), dtype=np.intp, count=len(keep))
-        query = coefficients[keep].astype(np.float32) @ self._matrix[index]
-        return unit(query)
+        # The worker's query step (stream_knn.embeddings.profile.query_vectors), one user.
+        queries, usable = query_vectors(
+            [profile], self._row_vector, now_ms, self.config.profile_half_life_seconds
+        )
+        return unit(queries[0]) if usable[0] else None
+
+    def _row_vector(self, item_id: str) -> Vector | None:
+        row = self._rows.get(item_id)
+        return None if row is None else self._matrix[row]
 
     def recommend(
         self,
@@ -275,9 +277,7 @@ class StreamingModel:
         k = min(k, available)
         if k <= 0:
             return []
-        top = np.argpartition(-scores, k - 1)[:k] if k < n else np.arange(n)
-        top = top[np.argsort(-scores[top], kind="stable")]
-        return [(self._ids[r], float(scores[r])) for r in top.tolist()]
+        return [(self._ids[r], float(scores[r])) for r in top_k(scores, k).tolist()]
 
     def _refresh_all(self) -> None:
         # A new basis moves every behaviour vector; content-only items are unchanged.
