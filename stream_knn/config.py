@@ -146,14 +146,16 @@ class IndexConfig:
     """The nearest-neighbour index and its rebuild lifecycle.
 
     The default backend, ``auto``, searches exactly (numpy, batched matrix products) up to
-    ``exact_max_items`` items and builds Annoy above: measured on this machine kind (2 cores)
-    on clustered 64-d items with user-profile queries (sums of 1-20 items), Annoy at its
-    defaults (10 trees, ``search_k = 10 * n_trees * k``) reached recall@10 of only 0.37 at
-    50k items and 0.30 at 100k (0.60 live in ``make demo``); reaching 0.95 took 10 trees
-    and ``search_k = 20000`` at 50k (1.3 ms a query) and 50 trees at 100k (2.3 ms a query,
-    4.4 s to build), while exact search is exact and costs 53 us (5k items), 0.55 ms (50k)
-    and 0.92 ms (100k) a query in batches of 1000, and builds in under 0.03 s. Above
-    100k items Annoy's build and memory win; tune it there with ``stream-knn tune``.
+    ``exact_max_items`` items and builds Annoy above. Measured on this machine kind (2
+    cores, ``benchmarks/answers.py`` and an Annoy sweep) on clustered 64-d items with
+    user-profile queries (sums of 1-20 items): Annoy at its defaults (10 trees,
+    ``search_k = 10 * n_trees * k``) reached recall@10 of 0.37 at 50k items and 0.30 at
+    100k (0.63 for single-item queries; 0.60 live in ``make demo``). Reaching 0.95 took 20
+    trees and ``search_k = 20000`` at 50k (about 1.4 ms a query) and 50 trees at 100k
+    (2.3 ms a query, 4.4 s to build, over the 1.5 s budget). Exact search is exact, builds
+    100k items in under 0.05 s, and a whole list in batches of 1000 cost 47 us of CPU at
+    5k items and 235 us at 50k (0.6-0.9 ms a query at 100k). Above 100k items Annoy's
+    sublinear search wins; tune it there with ``stream-knn tune``.
     """
 
     backend: Backend = "auto"

@@ -130,7 +130,13 @@ class HiddenIds(Collection[str]):
         self._own, self._shared, self._k = own, shared, k
 
     def __contains__(self, item: object) -> bool:
-        return item in self._own or any(item in part for part in self._shared)
+        if item in self._own:
+            return True
+        # A loop, not any() over a generator: this runs for every fetched candidate.
+        for part in self._shared:  # noqa: SIM110
+            if item in part:
+                return True
+        return False
 
     def __len__(self) -> int:
         return len(self._own) + min(sum(len(part) for part in self._shared), 2 * self._k)
