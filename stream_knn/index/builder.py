@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -110,6 +111,13 @@ def _read_vectors(directory: Path) -> tuple[list[str], npt.NDArray[np.float32]]:
     return ids, np.asarray(matrix, dtype=np.float32)
 
 
+def _start_child(niceness: int) -> None:
+    """Set up the build process: lower priority; Ctrl-C is the worker's to handle (the
+    worker stops its builder, which shuts this process down), not a traceback here."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.nice(niceness)
+
+
 def _build_in_child(job: BuildJob, vectors: Path) -> tuple[VersionInfo, float]:
     ids, matrix = _read_vectors(vectors)
     # The index itself stays here: the parent memory-maps the written version.
@@ -145,7 +153,7 @@ class BuildProcess:
                 self._executor = ProcessPoolExecutor(
                     max_workers=1,
                     mp_context=multiprocessing.get_context("spawn"),
-                    initializer=os.nice,
+                    initializer=_start_child,
                     initargs=(_CHILD_NICENESS,),
                 )
             executor = self._executor
