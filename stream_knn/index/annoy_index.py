@@ -127,6 +127,8 @@ class AnnoyIndex:
             query, n, search_k=search_k, include_distances=True
         )
         ids = self._ids
+        if self.metric == "angular":  # _to_score inlined: this runs per result
+            return [(ids[p], 1.0 - d * d / 2.0) for p, d in zip(positions, distances, strict=True)]
         return [(ids[p], self._to_score(d)) for p, d in zip(positions, distances, strict=True)]
 
     def search(

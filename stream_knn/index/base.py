@@ -141,6 +141,14 @@ class HiddenIds(Collection[str]):
     def __len__(self) -> int:
         return len(self._own) + min(sum(len(part) for part in self._shared), 2 * self._k)
 
+    def without(self, found: Neighbours) -> Neighbours:
+        """``found`` less the hidden ids: the membership tests inlined, no call per id."""
+        own = self._own
+        if len(self._shared) == 2:
+            a, b = self._shared
+            return [(i, s) for i, s in found if i not in own and i not in a and i not in b]
+        return [(i, s) for i, s in found if i not in self]
+
     def __iter__(self) -> Iterator[str]:
         seen: set[str] = set()
         for part in (self._own, *self._shared):
@@ -288,7 +296,10 @@ def filtered_search(
     n = min(total, k + min(len(exclude), 256))
     while True:
         found = fetch(n)
-        kept = [(i, s) for i, s in found if i not in exclude] if exclude else found
+        if isinstance(exclude, HiddenIds):
+            kept = exclude.without(found)
+        else:
+            kept = [(i, s) for i, s in found if i not in exclude] if exclude else found
         if len(kept) >= k or n >= total:
             return kept[:k]
         n = min(total, n * 2)
