@@ -123,6 +123,21 @@ class RecommendationService(Service):
         if len(self._probe_ids) < self.config.drift.probe_items and item_id not in self._probe_ids:
             self._probe_ids.append(item_id)
 
+    def upsert_many(self, ids: Sequence[str], vectors: npt.NDArray[np.float32]) -> None:
+        """:meth:`upsert` of many items at once (row ``i`` of ``vectors`` is ``ids[i]``'s)."""
+        for manager in self.managers.values():
+            manager.upsert_many(ids, vectors)
+        room = self.config.drift.probe_items - len(self._probe_ids)
+        if room > 0:
+            known = set(self._probe_ids)
+            for item_id in ids:
+                if room <= 0:
+                    break
+                if item_id not in known:
+                    known.add(item_id)
+                    self._probe_ids.append(item_id)
+                    room -= 1
+
     def replace_all(
         self, vectors: dict[str, npt.NDArray[np.float32]], basis: bytes | None = None
     ) -> None:

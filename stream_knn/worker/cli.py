@@ -22,10 +22,19 @@ def register(sub: Any) -> None:
     parser.set_defaults(func=_run)
 
 
+#: BLAS threads of the worker process. Its matrix products are small and many (one per
+#: batch); BLAS threads spinning beside the event loop and the index build process made
+#: them 5-10x slower on a busy 2-core machine.
+_BLAS_THREADS = 1
+
+
 def _run(args: argparse.Namespace, config: Config) -> int:
     from faust import Worker
+    from threadpoolctl import threadpool_limits
 
     from stream_knn.worker.app import create_app
+
+    threadpool_limits(limits=_BLAS_THREADS, user_api="blas")
 
     changes: dict[str, Any] = {}
     if args.web_port is not None:
