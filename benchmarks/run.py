@@ -98,8 +98,9 @@ def _main_session(args: argparse.Namespace, scale: Scale, root: Path) -> dict[st
 
 def _ingest_session(args: argparse.Namespace, scale: Scale, root: Path) -> dict[str, Any]:
     """A backlog with coalesced lists, then a bare Faust agent and a raw consumer on it."""
-    env = {"STREAM_KNN_SERVING__EMIT_INTERVAL_SECONDS": "1"}
-    session = Session(Deployment(args.bootstrap, root, "ingest", env), scale, say, seed=1)
+    session = Session(
+        Deployment(args.bootstrap, root, "ingest", dict(COALESCE_ENV)), scale, say, seed=1
+    )
     out: dict[str, Any] = {"config": "serving.emit_interval_seconds=1"}
     try:
         # No warm-up: the events topic holds the backlog and nothing else.
@@ -121,31 +122,63 @@ REBUILD_ENV = {
     "STREAM_KNN_INDEX__REBUILD_INTERVAL_SECONDS": "1",
     "STREAM_KNN_INDEX__REBUILD_MIN_CHANGES": "1",
 }
+#: No rebuild at all: no interval, count or delta-size trigger is reached in a run.
+NO_REBUILD_ENV = {
+    "STREAM_KNN_INDEX__REBUILD_INTERVAL_SECONDS": "3600",
+    "STREAM_KNN_INDEX__REBUILD_MIN_CHANGES": "1000000000",
+    "STREAM_KNN_INDEX__MAX_DELTA_ITEMS": "1000000000",
+    "STREAM_KNN_INDEX__MAX_DELTA_SHARE": "1.0",
+}
+COALESCE_ENV = {"STREAM_KNN_SERVING__EMIT_INTERVAL_SECONDS": "1"}
 
 
 def _rebuild_session(args: argparse.Namespace, scale: Scale, root: Path) -> dict[str, Any]:
-    """The main session's phases on a 100k-item catalog whose index is rebuilt non-stop."""
-    dep = Deployment(args.bootstrap, root, "rebuild", dict(REBUILD_ENV))
+    """The paced, backlog and ingest phases on a 100k-item catalog, without then with
+    non-stop rebuilds: one worker, restarted between the settings (restoring its state and
+    index from disk is far cheaper than loading 100k vectors again)."""
+    base = {"STREAM_KNN_INDEX__BACKEND": scale.rebuild_backend}
+    dep = Deployment(args.bootstrap, root, "rebuild", dict(base))
     session = Session(dep, scale, say, seed=2)
     out: dict[str, Any] = {
-        "config": "index.rebuild_interval_seconds=1, index.rebuild_min_changes=1, "
-        f"{scale.rebuild_items:,}-item catalog"
+        "backend": scale.rebuild_backend,
+        "config": f"index.backend={scale.rebuild_backend}, {scale.rebuild_items:,}-item catalog",
     }
     try:
-        out["warmup"] = session.start(_catalog(scale.rebuild_items))
-        out["rates"] = [session.rate_phase(rate) for rate in scale.rates]
-        out["lists"] = session.lists_phase()
-        session.final_delivery_check(scale.drain_seconds)
-        # Ingest on the same worker and catalog: restarted with coalesced lists (restoring
-        # its state and index from disk is cheaper than loading 100k vectors again).
-        restart_s = dep.restart({**REBUILD_ENV, "STREAM_KNN_SERVING__EMIT_INTERVAL_SECONDS": "1"})
-        say(f"[{dep.name}] restarted with emit_interval_seconds=1 in {restart_s:.1f} s")
-        time.sleep(3.0)
-        out["ingest"] = {"restart_seconds": round(restart_s, 1), "phase": session.ingest_phase()}
+        # All of it indexed: once rebuilds stop, items left out would stay in the delta.
+        out["warmup"] = session.start(_catalog(scale.rebuild_items), indexed_share=1.0)
+        for name, env in (("without", NO_REBUILD_ENV), ("during", REBUILD_ENV)):
+            stage: dict[str, Any] = {"env": env}
+            stage["restart_seconds"] = round(dep.restart({**base, **env}), 1)
+            say(f"[{dep.name}] restarted {name} rebuilds in {stage['restart_seconds']} s")
+            stage["rates"] = [session.rate_phase(rate) for rate in scale.rates]
+            stage["lists"] = session.lists_phase()
+            session.final_delivery_check(scale.drain_seconds)
+            restart_s = dep.restart({**base, **env, **COALESCE_ENV})
+            say(f"[{dep.name}] restarted {name} rebuilds, lists coalesced, in {restart_s:.1f} s")
+            time.sleep(2.0)
+            stage["ingest"] = {
+                "restart_seconds": round(restart_s, 1),
+                "phase": session.ingest_phase(),
+            }
+            out[name] = stage
         session.halt()
         out["index_alone"] = session.index_bound(3.0)
     finally:
         session.stop()
+    without, during = out["without"], out["during"]
+    compare: dict[str, Any] = {}
+    for p0, p1 in zip(without["rates"], during["rates"], strict=True):
+        compare[f"p99_ratio_at_{p0['target_rate']:.0f}"] = _ratio(
+            p1.get("p99_ms"), p0.get("p99_ms")
+        )
+    compare["lists_per_second_ratio"] = _ratio(
+        during["lists"].get("lists_per_second"), without["lists"].get("lists_per_second")
+    )
+    compare["ingest_ratio"] = _ratio(
+        during["ingest"]["phase"].get("events_per_second"),
+        without["ingest"]["phase"].get("events_per_second"),
+    )
+    out["compared"] = compare
     return out
 
 
@@ -170,21 +203,7 @@ def _kafka(args: argparse.Namespace, scale: Scale, out: dict[str, Any]) -> None:
         out["rebuild"] = {"skipped": "full mode only"}
         return
     # 3. The same during non-stop rebuilds of a 100k-item index.
-    rebuild = _rebuild_session(args, scale, root)
-    compare: dict[str, Any] = {}
-    for without, during in zip(main["rates"], rebuild["rates"], strict=True):
-        compare[f"p99_ratio_at_{without['target_rate']:.0f}"] = _ratio(
-            during.get("p99_ms"), without.get("p99_ms")
-        )
-    compare["lists_per_second_ratio"] = _ratio(
-        rebuild["lists"].get("lists_per_second"), main["lists"].get("lists_per_second")
-    )
-    compare["ingest_ratio"] = _ratio(
-        rebuild["ingest"]["phase"].get("events_per_second"),
-        ingest["phase"].get("events_per_second"),
-    )
-    rebuild["compared_with_main"] = compare
-    out["rebuild"] = rebuild
+    out["rebuild"] = _rebuild_session(args, scale, root)
 
 
 def _guard(ratios: dict[str, float], record: bool) -> int:
