@@ -88,6 +88,8 @@ class RecordTap:
         self.copies: dict[str, int] = {}
         #: event id -> the worker's ``emitted_ts`` of its first list, in seconds.
         self.emitted: dict[str, float] = {}
+        #: event id -> the Kafka CreateTime of its first list (the worker's produce call), s.
+        self.created: dict[str, float] = {}
         self._stop = threading.Event()
         self._consumer = Consumer(
             {
@@ -115,6 +117,7 @@ class RecordTap:
                     if event_id not in self.first_seen:
                         self.first_seen[event_id] = now
                         self.emitted[event_id] = float(record.get("emitted_ts") or 0) / 1000.0
+                        self.created[event_id] = msg.timestamp()[1] / 1000.0
                     self.copies[event_id] = self.copies.get(event_id, 0) + 1
                 self.times.append(now)
         self._consumer.close()
@@ -267,7 +270,17 @@ class Deployment:
         self.extra_env = dict(extra_env)
         started = time.monotonic()
         self.start(create_topics=False)
-        return time.monotonic() - started
+        ready = time.monotonic() - started
+        # A restarted worker may build once to take in what changed while it was down: let
+        # that finish, so the next phase sees the settings it is meant to measure.
+        stable, last = time.monotonic(), self.index_state().get("version")
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline and time.monotonic() - stable < 3.0:
+            time.sleep(0.5)
+            version = self.index_state().get("version")
+            if version != last:
+                stable, last = time.monotonic(), version
+        return ready
 
     def stop(self) -> None:
         """SIGINT first (lets cProfile write its file), then SIGTERM, then SIGKILL."""
