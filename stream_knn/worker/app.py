@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -69,10 +69,9 @@ __all__ = ["WorkerApp", "create_app"]
 logger = logging.getLogger(__name__)
 
 _LAST_LISTS = 200_000  # users whose last list is kept for the online hit rate
-#: Fetched partition batches an agent takes at once, and how long it waits for more: one
-#: pass of the batch core (one RocksDB write batch, one output flush) serves them all.
-_TAKE_BATCHES = 64
-_TAKE_SECONDS = 0.002
+#: Fetched partition batches waiting for the batch handler before the agent stops taking
+#: more from Faust (back pressure).
+_INBOX_BATCHES = 256
 #: Events learned and answered in one synchronous pass of the batch core.
 _CHUNK_EVENTS = 500
 #: Replaced item states logged one by one before the log goes quiet about them.
@@ -285,18 +284,59 @@ class WorkerApp:
         list per event (or coalesced)."""
         await self._consume_batches(stream, self._user_batch)
 
-    async def _consume_batches(self, stream: Any, handle: Any) -> None:
-        async for events in stream.take_events(_TAKE_BATCHES, within=_TAKE_SECONDS):
-            # take_events acks the batch in a `finally`, also when the agent is cancelled
-            # (shutdown, restart): finish the batch first so its outputs are delivered
-            # before its offsets can be committed.
-            messages = [event.message for event in events]
-            batch = asyncio.ensure_future(handle(messages))
-            try:
-                await asyncio.shield(batch)
-            except asyncio.CancelledError:
-                await batch
-                raise
+    async def _consume_batches(
+        self, stream: Any, handle: Callable[[list[BatchMessage]], Awaitable[None]]
+    ) -> None:
+        """Hand fetched batches to ``handle`` as they come, acknowledged once it returns.
+
+        Each Faust event is one fetched partition batch. While ``handle`` works on some,
+        the next ones gather in an inbox; the next call takes all of them at once (one
+        pass of the core, one RocksDB write batch per partition, one output flush), with
+        no waiting for a batch to fill. ``handle`` returns after the outputs are delivered,
+        and only then are the events acknowledged (at least once): a failure leaves them
+        unacknowledged, so the committed offset stays before them until they are
+        consumed again.
+        """
+        inbox: list[Any] = []
+        arrived = asyncio.Event()
+        room = asyncio.Event()
+        room.set()
+        stopping = False
+
+        async def run() -> None:
+            while True:
+                await arrived.wait()
+                arrived.clear()
+                if stopping:
+                    return
+                events = inbox[:]
+                inbox.clear()
+                room.set()
+                await handle([event.message for event in events])
+                for event in events:
+                    event.ack()
+
+        runner = asyncio.ensure_future(run())
+        try:
+            async for event in stream.noack().events():
+                if runner.done():
+                    runner.result()  # raises what stopped it
+                    raise RuntimeError("the batch handler stopped")
+                inbox.append(event)
+                arrived.set()
+                if len(inbox) >= _INBOX_BATCHES:
+                    room.clear()
+                    await room.wait()
+        finally:
+            # Stopping (shutdown, restart): the batch in hand finishes and is delivered and
+            # acknowledged (nothing of it is sent twice); the inbox stays unacknowledged
+            # and is consumed again after the restart.
+            stopping = True
+            arrived.set()
+            if not runner.done():
+                await asyncio.shield(runner)
+            elif not runner.cancelled() and runner.exception() is not None:
+                logger.error("batch handler failed: %r", runner.exception())
 
     def _parse_user_records(
         self, messages: list[BatchMessage]
@@ -334,7 +374,7 @@ class WorkerApp:
             if start:
                 await asyncio.sleep(0)
             self._user_chunk(valid[start : start + _CHUNK_EVENTS])
-        # Delivered before take_events acks the batch: at least once.
+        # Delivered before the batch is acknowledged: at least once.
         await self.output.flush()
         self.profile_store.persist_offsets()
 
