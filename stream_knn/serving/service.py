@@ -318,12 +318,15 @@ class RecommendationService(Service):
         neighbours: dict[str, list[str]] = {}
         for item_id in self._probe_ids:
             vector = manager.vector(item_id)
-            if vector is None:
-                continue
-            vectors[item_id] = np.array(vector, dtype=np.float32)
-            found = manager.similar(item_id, _PROBE_K)
-            if found is not None:
-                neighbours[item_id] = [other for other, _ in found]
+            if vector is not None:
+                vectors[item_id] = np.array(vector, dtype=np.float32)
+        if vectors:
+            # All probe items in one batch search (the probe runs at every swap).
+            ids = list(vectors)
+            found = manager.search_many(
+                np.stack([vectors[i] for i in ids]), _PROBE_K, [(i,) for i in ids]
+            )
+            neighbours = {i: [other for other, _ in f] for i, f in zip(ids, found, strict=True)}
         before, self._probe_before = self._probe_before, (vectors, neighbours)
         basis_changed, self._basis_changed = self._basis_changed, False
         if before is None or not vectors or not before[0]:
