@@ -35,7 +35,10 @@ class OutputProducer:
         self._producer = Producer(
             {
                 "bootstrap.servers": config.bootstrap_servers,
-                "linger.ms": 1,
+                # No linger: the worker waits for delivery once per batch, and records
+                # produced in one pass still share requests while one is in flight
+                # (1 ms of linger was most of the 2.7 ms median wait per batch).
+                "linger.ms": 0,
                 "compression.type": config.compression,
                 "enable.idempotence": True,
                 "acks": "all",
