@@ -124,11 +124,88 @@ def _list_record(
     return orjson.dumps(record)
 
 
+class _BatchLoop:
+    """Hands fetched batches to ``handle`` as they come, acknowledged once it returns.
+
+    Each Faust event is one fetched partition batch. While ``handle`` works on some, the
+    next ones gather in an inbox; the next call takes all of them at once (one pass of the
+    core, one RocksDB write batch per partition, one output flush), with no waiting for a
+    batch to fill. ``handle`` returns after the outputs are delivered, and only then are
+    the events acknowledged (at least once): a failure leaves them unacknowledged, so the
+    committed offset stays before them until they are consumed again.
+    """
+
+    def __init__(self, handle: Callable[[list[BatchMessage]], Awaitable[None]]) -> None:
+        self.handle = handle
+        self.inbox: list[Any] = []
+        self.arrived = asyncio.Event()
+        self.room = asyncio.Event()
+        self.room.set()
+        self.stopping = False
+        self._runner: asyncio.Future[None] | None = None
+
+    async def run(self, stream: Any) -> None:
+        """The agent's body: take Faust's events into the inbox (back pressure past
+        :data:`_INBOX_BATCHES`) while the handler works through it."""
+        runner = self._runner = asyncio.ensure_future(self._handle_all())
+        try:
+            async for event in stream.noack().events():
+                if runner.done():
+                    runner.result()  # raises what stopped it
+                    raise RuntimeError("the batch handler stopped")
+                if self.stopping:
+                    continue  # left unacknowledged: consumed again after the restart
+                self.inbox.append(event)
+                self.arrived.set()
+                if len(self.inbox) >= _INBOX_BATCHES:
+                    self.room.clear()
+                    await self.room.wait()
+        finally:
+            await self.drain()
+            if not runner.cancelled() and runner.exception() is not None:
+                logger.error("batch handler failed: %r", runner.exception())
+
+    async def drain(self) -> None:
+        """Stop taking batches: the one in hand finishes, is delivered and acknowledged
+        (nothing of it is sent twice); the inbox stays unacknowledged."""
+        self.stopping = True
+        self.arrived.set()
+        self.room.set()
+        runner = self._runner
+        if runner is not None and not runner.done():
+            await asyncio.shield(runner)
+
+    async def _handle_all(self) -> None:
+        while True:
+            await self.arrived.wait()
+            self.arrived.clear()
+            if self.stopping:
+                return
+            events, self.inbox = self.inbox, []
+            self.room.set()
+            await self.handle([event.message for event in events])
+            for event in events:
+                event.ack()
+
+
 class _App(faust.App):
     """Faust's app with a consumer that keeps read offsets honest across seeks and hands
     over the topics of ``batch_topics`` one fetched partition batch at a time."""
 
     batch_topics: frozenset[str] = frozenset()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: The agents' batch loops, drained before the consumer's last commit.
+        self.batch_loops: set[_BatchLoop] = set()
+
+    async def _stop_consumer(self) -> None:
+        # Faust commits the acknowledged offsets when the consumer stops, without waiting
+        # for the agents (stream_wait_empty is off: a batch loop's inbox is never empty).
+        # The batches in hand finish first, so what they applied is committed with them.
+        for loop in list(self.batch_loops):
+            await loop.drain()
+        await super()._stop_consumer()
 
     def _new_consumer(self) -> Any:
         return SeekSafeConsumer(
@@ -294,56 +371,12 @@ class WorkerApp:
     async def _consume_batches(
         self, stream: Any, handle: Callable[[list[BatchMessage]], Awaitable[None]]
     ) -> None:
-        """Hand fetched batches to ``handle`` as they come, acknowledged once it returns.
-
-        Each Faust event is one fetched partition batch. While ``handle`` works on some,
-        the next ones gather in an inbox; the next call takes all of them at once (one
-        pass of the core, one RocksDB write batch per partition, one output flush), with
-        no waiting for a batch to fill. ``handle`` returns after the outputs are delivered,
-        and only then are the events acknowledged (at least once): a failure leaves them
-        unacknowledged, so the committed offset stays before them until they are
-        consumed again.
-        """
-        inbox: list[Any] = []
-        arrived = asyncio.Event()
-        room = asyncio.Event()
-        room.set()
-        stopping = False
-
-        async def run() -> None:
-            while True:
-                await arrived.wait()
-                arrived.clear()
-                if stopping:
-                    return
-                events = inbox[:]
-                inbox.clear()
-                room.set()
-                await handle([event.message for event in events])
-                for event in events:
-                    event.ack()
-
-        runner = asyncio.ensure_future(run())
+        loop = _BatchLoop(handle)
+        self.app.batch_loops.add(loop)
         try:
-            async for event in stream.noack().events():
-                if runner.done():
-                    runner.result()  # raises what stopped it
-                    raise RuntimeError("the batch handler stopped")
-                inbox.append(event)
-                arrived.set()
-                if len(inbox) >= _INBOX_BATCHES:
-                    room.clear()
-                    await room.wait()
+            await loop.run(stream)
         finally:
-            # Stopping (shutdown, restart): the batch in hand finishes and is delivered and
-            # acknowledged (nothing of it is sent twice); the inbox stays unacknowledged
-            # and is consumed again after the restart.
-            stopping = True
-            arrived.set()
-            if not runner.done():
-                await asyncio.shield(runner)
-            elif not runner.cancelled() and runner.exception() is not None:
-                logger.error("batch handler failed: %r", runner.exception())
+            self.app.batch_loops.discard(loop)
 
     def _parse_user_records(
         self, messages: list[BatchMessage]

@@ -108,7 +108,7 @@ def test_recommend_users_file_matches_the_workers_http_answers(
     summary = done.stderr.decode().strip().splitlines()[-1]
     assert summary == (
         f"stream-knn recommend: 12 users (2 unknown, 2 popularity fallback), {n_items} items, "
-        f"index annoy-angular-10--1: {version}, written to {out}"
+        f"index auto-angular-10--1: {version}, written to {out}"
     ), (summary, seconds)
 
     lines = [orjson.loads(line) for line in out.read_bytes().splitlines()]
