@@ -667,10 +667,15 @@ class IndexManager:
 
     def _delta_limit(self) -> int:
         """Delta size that forces a build: ``max_delta_items``, or ``max_delta_share`` of
-        the live items if fewer (never under 100); caller holds the lock."""
+        the live items if fewer (never under 100); caller holds the lock.
+
+        An exact live index is not bounded by the share: its stale rows cost a masked
+        column each, not wasted tree nodes, and a version a second (a popular catalog's
+        quarter changes that fast) made every swap's work a pause of the event loop.
+        """
         live = self._live
         limit = self.config.max_delta_items
-        if live is not None:
+        if live is not None and live.info.backend != "exact":
             share = int(self.config.max_delta_share * len(live.positions))
             limit = min(limit, max(_MIN_DELTA_LIMIT, share))
         return limit

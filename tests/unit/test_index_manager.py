@@ -196,6 +196,24 @@ def test_reaching_max_delta_items_forces_a_build(tmp_path: Path) -> None:
         m.stop()
 
 
+@pytest.mark.parametrize(("backend", "forced"), [("annoy", True), ("exact", False)])
+def test_a_stale_share_of_the_live_items_forces_a_build_of_trees_only(
+    tmp_path: Path, backend: str, forced: bool
+) -> None:
+    m = IndexManager(
+        _config(backend=backend, max_delta_share=0.25), tmp_path, DIMS, build_in_process=True
+    )
+    items = _items(400)
+    for item_id, vector in items.items():
+        m.upsert(item_id, vector)
+    m.rebuild_now()
+    # 200 of 400 live items changed: past the share (100) but under max_delta_items.
+    for item_id, vector in list(items.items())[:200]:
+        m.upsert(item_id, -vector)
+    assert m.pending_items == 200
+    assert (m._due() == "max_delta_items") is forced
+
+
 def test_warm_start_serves_the_newest_valid_version(tmp_path: Path) -> None:
     items = _items(20)
     first = IndexManager(_config(), tmp_path, DIMS)
