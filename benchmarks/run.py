@@ -91,6 +91,7 @@ def _main_session(args: argparse.Namespace, scale: Scale, root: Path) -> dict[st
         if scale.full:
             # HTTP first: it needs a quiet worker (no events in flight, so the cache can hit).
             out["http"] = session.http_phase()
+        session.warm_up(max(scale.rates))
         out["rates"] = [session.rate_phase(rate) for rate in scale.rates]
         out["lists"] = _best(
             [session.lists_phase() for _ in range(scale.repeats)], "lists_per_second"
