@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
@@ -104,11 +105,30 @@ def _warm_up(bootstrap: str) -> None:
         admin.delete_topics([topic])
 
 
-def _no_broker(reason: str) -> None:
-    message = f"no Kafka broker for integration tests: {reason}"
+def unavailable(message: str) -> NoReturn:
+    """A missing broker or tool: a failure under ``CI=true`` (CI runs every test, it never
+    skips one), a skip on a developer's machine."""
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
+
+
+def _no_broker(reason: str) -> NoReturn:
+    unavailable(f"no Kafka broker for integration tests: {reason}")
+
+
+@pytest.fixture(scope="session")
+def require_tool() -> Callable[[str], str]:
+    """``require_tool(name)``: the path of a command-line tool the test needs (Prometheus'
+    tools come from ``scripts/install-prometheus.sh``, which ``make test`` runs)."""
+
+    def find(tool: str) -> str:
+        path = shutil.which(tool)
+        if path is None:
+            unavailable(f"{tool} not found on PATH: run scripts/install-prometheus.sh")
+        return path
+
+    return find
 
 
 @pytest.fixture(scope="session")

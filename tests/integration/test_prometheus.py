@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -24,16 +22,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        message = f"{tool} not found: run scripts/install-prometheus.sh"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def _samples(exposition: str, name: str) -> dict[str, float]:
@@ -58,9 +46,9 @@ def _events(stream: SyntheticStream, n: int, skip: int = 0) -> list[tuple[bytes,
     return [(e["user_id"].encode(), orjson.dumps(e)) for e in events]
 
 
-def test_prometheus_scrapes_series_that_move(worker_env, run_worker, tmp_path: Path):
-    prometheus = _need("prometheus")
-    promtool = _need("promtool")
+def test_prometheus_scrapes_series_that_move(worker_env, run_worker, require_tool, tmp_path: Path):
+    prometheus = require_tool("prometheus")
+    promtool = require_tool("promtool")
     stream = SyntheticStream(n_users=40, n_items=80, n_clusters=4, seed=11)
     run_worker()
     worker_env.produce("user_events", _events(stream, 200))

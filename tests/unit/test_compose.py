@@ -13,8 +13,8 @@ import io
 import os
 import re
 import shlex
-import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -326,14 +326,8 @@ def test_install_script_is_valid_bash() -> None:
 
 
 @pytest.fixture
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        message = "promtool is not on PATH; run scripts/install-prometheus.sh"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+def promtool(require_tool: Callable[[str], str]) -> str:
+    return require_tool("promtool")
 
 
 @pytest.mark.parametrize(

@@ -8,11 +8,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml  # type: ignore[import-untyped,unused-ignore]
 from prometheus_client import CollectorRegistry
 
 from stream_knn.metrics.drift import DriftThresholds
+from stream_knn.metrics.registry import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "stream-knn.json"
@@ -108,9 +108,8 @@ def test_every_listed_metric_has_a_panel() -> None:
 
 
 def test_the_known_metrics_are_the_ones_the_worker_registers() -> None:
-    registry_module = pytest.importorskip("stream_knn.metrics.registry")
     registry = CollectorRegistry()
-    registry_module.Metrics(registry)
+    Metrics(registry)
     exported = {}
     for family in registry.collect():
         name = family.name + ("_total" if family.type == "counter" else "")
