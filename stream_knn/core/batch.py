@@ -55,10 +55,12 @@ _EMPTY = UserProfile()
 
 @dataclass(frozen=True, slots=True)
 class Emission:
-    """A learned event and the user's profile right after it (what its list is built from)."""
+    """A learned event, the user's profile right after it (what its list is built from)
+    and the event's position in the batch given to :func:`learn_user_events`."""
 
     event: UserEvent
     profile: UserProfile
+    index: int
 
 
 @dataclass
@@ -115,7 +117,7 @@ def learn_user_events(
     profiles = out.profiles
     item_events = out.item_events
     emissions = out.emissions
-    for ev in events:
+    for position, ev in enumerate(events):
         user = ev.user_id
         if ev.event_type == "forget" or ev.item_id is None:
             profiles[user] = None
@@ -132,7 +134,7 @@ def learn_user_events(
             found[0].append(user)
             found[1].append(weight)
             found[2].append(ev.ts_ms)
-        emissions.append(Emission(ev, profile))
+        emissions.append(Emission(ev, profile, position))
     return out
 
 

@@ -22,7 +22,7 @@ import gc
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,6 @@ from prometheus_client import CollectorRegistry
 
 from stream_knn.config import Config
 from stream_knn.core.batch import (
-    Emission,
     ItemEvents,
     learn_item_events,
     learn_user_events,
@@ -86,22 +85,9 @@ def item_partition(item_id: str, partitions: int) -> int:
     return (hashed & 0x7FFFFFFF) % partitions
 
 
-class _Record:
-    """A single Faust message seen as a fetched record (timestamp in ms)."""
-
-    __slots__ = ("key", "offset", "partition", "timestamp", "topic", "value")
-
-    def __init__(self, message: Any) -> None:
-        self.topic, self.partition, self.offset = message.topic, message.partition, message.offset
-        self.key, self.value = message.key, message.value
-        self.timestamp = int(message.timestamp * 1000)
-
-
-def _records(message: Any) -> Sequence[Any]:
-    """The records a delivered message stands for: a fetched batch, or itself."""
-    if type(message) is BatchMessage:
-        return message.records
-    return (_Record(message),)
+#: A list to send: the event it answers, the profile it is built from, when the event was
+#: produced (broker timestamp, s).
+_Due = tuple[UserEvent, UserProfile, float]
 
 
 def _list_record(
@@ -385,7 +371,7 @@ class WorkerApp:
         valid: list[tuple[int, float, UserEvent]] = []
         bad: list[DlqRecord] = []
         for message in messages:
-            for record in _records(message):
+            for record in message.records:
                 parsed = parse_user_event(
                     record.value,
                     config=cfg,
@@ -425,12 +411,9 @@ class WorkerApp:
         # Stored profiles of the chunk's users: one multi-get per partition.
         partition_of: dict[str, int] = {}
         counts: Counter[str] = Counter()
-        produced: list[float] = []
-        for partition, produced_s, ev in valid:
+        for partition, _, ev in valid:
             partition_of[ev.user_id] = partition
             counts[ev.event_type] += 1
-            if ev.event_type != "forget" and ev.item_id is not None:
-                produced.append(produced_s)
         stored = self._read_profiles(partition_of)
         learned = learn_user_events((ev for _, _, ev in valid), stored, self.config.model)
 
@@ -442,16 +425,17 @@ class WorkerApp:
         observe = self.service.observe
         offer = self.gate.offer
         now = time.time()
-        due: list[tuple[Emission, float]] = []
+        due: list[_Due] = []
         #: Per user, the profile its deferred (coalesced) list will be built from, if any.
         deferred: dict[str, UserProfile | None] = {}
-        for emission, produced_s in zip(learned.emissions, produced, strict=True):
+        for emission in learned.emissions:
             ev = emission.event
+            produced_s = valid[emission.index][1]
             assert ev.item_id is not None
             self._note_online_hit(ev.user_id, ev.item_id, assign(ev.user_id).name)
             observe(ev)
             if offer(ev.user_id, (ev, produced_s), now):
-                due.append((emission, produced_s))
+                due.append((ev, emission.profile, produced_s))
                 deferred[ev.user_id] = None
             else:
                 deferred[ev.user_id] = emission.profile
@@ -498,17 +482,14 @@ class WorkerApp:
             first = next(iter(items))
             self.output.send(topic, first.encode(), orjson.dumps(items), partition=partition)
 
-    def _emit_many(self, due: list[tuple[Emission, float]]) -> None:
-        """Build and send the lists of ``due`` emissions (one batch pass of the service)."""
+    def _emit_many(self, due: list[_Due]) -> None:
+        """Build and send the lists of ``due`` (event, profile, produced at) in one pass."""
         if not due:
             return
         assign = self.service.assigner.assign
-        variants = [assign(e.event.user_id) for e, _ in due]
+        variants = [assign(ev.user_id) for ev, _, _ in due]
         lists = self.service.recommend_many(
-            [
-                ListRequest(e.event.user_id, e.profile, (e.event.item_id or "",), e.event.ts_ms)
-                for e, _ in due
-            ],
+            [ListRequest(ev.user_id, p, (ev.item_id or "",), ev.ts_ms) for ev, p, _ in due],
             int(time.time() * 1000),
             variants,
         )
@@ -518,8 +499,7 @@ class WorkerApp:
         topic = self.recommendations_topic
         sent: Counter[str] = Counter()
         observe = self.metrics.end_to_end_latency.observe
-        for (emission, produced_s), rec, variant in zip(due, lists, variants, strict=True):
-            ev = emission.event
+        for (ev, _, produced_s), rec, variant in zip(due, lists, variants, strict=True):
             body = _list_record(ev, variant.k, variant.name, rec, emitted_ms)
             send(topic, ev.user_id.encode(), body)
             self._remember_list(ev.user_id, rec.items)
@@ -530,11 +510,11 @@ class WorkerApp:
 
     async def _flush_coalesced(self) -> None:
         """Emit the newest list of every user whose coalescing interval has passed."""
-        due: list[tuple[Emission, float]] = []
+        due: list[_Due] = []
         for user, (ev, produced_s) in self.gate.due(time.time()):
             profile = self.latest_profiles.pop(user, None)
             if profile is not None:
-                due.append((Emission(ev, profile), produced_s))
+                due.append((ev, profile, produced_s))
         self._emit_many(due)
         await self.output.flush()
 
@@ -547,18 +527,19 @@ class WorkerApp:
         merged: dict[int, dict[str, ItemEvents]] = {}
         deleted: dict[int, set[str]] = {}
         for message in messages:
-            for record in _records(message):
+            for record in message.records:
                 partition = record.partition
                 part_merged = merged.setdefault(partition, {})
                 part_deleted = deleted.setdefault(partition, set())
+                updates: dict[str, ItemEvents] = {}
                 for item_id, update in orjson.loads(record.value).items():
                     if update is None:  # a catalog delete
                         part_deleted.add(item_id)
                         part_merged.pop(item_id, None)
-                        continue
-                    part_deleted.discard(item_id)
-                    users, weights, times = update
-                    merge_item_events(part_merged, {item_id: (users, weights, times)})
+                    else:
+                        part_deleted.discard(item_id)
+                        updates[item_id] = update
+                merge_item_events(part_merged, updates)
         for partition, items in merged.items():
             keys = [item_id.encode() for item_id in items]
             raws = self.item_store.get_many(partition, keys)

@@ -14,7 +14,7 @@ start of the changelog, as for any Faust table.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import rocksdict
@@ -98,7 +98,3 @@ class BatchTable:
         topic = self.changelog_topic
         for partition, offset in delivered.items():
             store.set_persisted_offset(TP(topic, partition), offset)
-
-    def partitions(self) -> Iterable[int]:
-        """Partitions whose store is open in this process."""
-        return list(self.table.data._dbs)
