@@ -27,7 +27,7 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from benchmarks.workload import ZipfEvents
-from stream_knn.events.producer import TokenBucket
+from stream_knn.events.producer import TokenBucket, pace
 
 __all__ = [
     "Deployment",
@@ -358,10 +358,7 @@ def produce_paced(
     bucket = TokenBucket(rate, capacity=max(1.0, rate * 0.01))
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        wait = bucket.wait()
-        while wait > 0:
-            producer.poll(wait)
-            wait = bucket.wait()
+        pace(producer, bucket)
         key, event = source.next_event()
         value = orjson.dumps(event)
         sent[event["event_id"]] = time.time()

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from stream_knn.errors import BrokerError
 
-__all__ = ["ProduceReport", "TokenBucket", "produce_events", "producer_config"]
+__all__ = ["ProduceReport", "TokenBucket", "pace", "produce_events", "producer_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,19 @@ class ProduceReport:
         if self.errors:
             text += "; errors: " + "; ".join(self.errors)
         return text
+
+
+def pace(producer: Producer, bucket: TokenBucket) -> None:
+    """Wait for ``bucket``'s next token while serving ``producer``'s delivery reports.
+
+    librdkafka's poll timeout is whole milliseconds (``poll(0.0004)`` returns at once), so
+    a wait below 1 ms is served as 1 ms: the bucket's banked tokens absorb the difference,
+    where polling the exact wait would spin a core between events.
+    """
+    wait = bucket.wait()
+    while wait > 0:
+        producer.poll(max(wait, 0.001))
+        wait = bucket.wait()
 
 
 class TokenBucket:
@@ -196,11 +209,7 @@ def produce_events(
     try:
         for event in stream:
             if bucket is not None:
-                wait = bucket.wait()
-                while wait > 0:
-                    # Serve delivery reports while waiting instead of sleeping blind.
-                    producer.poll(wait)
-                    wait = bucket.wait()
+                pace(producer, bucket)
             value = orjson.dumps(event)
             key = str(event["user_id"]).encode()
             while True:

@@ -111,6 +111,7 @@ class BatchSearch(Protocol):
         shared: Sequence[Collection[str]] = (),
         executor: Executor | None = None,
         threads: int = 1,
+        hidden_rows: npt.NDArray[np.bool_] | None = None,
     ) -> list[Neighbours]:
         """What :func:`search_many` returns for this index."""
 
@@ -166,6 +167,7 @@ def search_many(
     shared: Sequence[Collection[str]] = (),
     executor: Executor | None = None,
     threads: int = 1,
+    hidden_rows: npt.NDArray[np.bool_] | None = None,
 ) -> list[Neighbours]:
     """``index.search(queries[i], k, excludes[i] + shared)`` for every row ``i``, batched.
 
@@ -173,12 +175,14 @@ def search_many(
     product). Any other is asked row by row, the rows split into ``threads`` contiguous
     parts: all but the last are searched on ``executor`` while the calling thread searches
     the last, which pays off for backends that release the GIL while searching (Annoy).
-    The results are those of the row-by-row searches, in row order.
+    The results are those of the row-by-row searches, in row order. ``hidden_rows``, if
+    given, is ``shared`` as a mask over the index's build order, kept by the caller: a
+    batch backend uses it instead of looking every shared id up.
     """
     if len(excludes) != len(queries):
         raise ValueError(f"got {len(excludes)} exclusion sets for {len(queries)} queries")
     if isinstance(index, BatchSearch):
-        return index.search_many(queries, k, excludes, shared, executor, threads)
+        return index.search_many(queries, k, excludes, shared, executor, threads, hidden_rows)
 
     def run(start: int, stop: int) -> list[Neighbours]:
         return [
@@ -395,11 +399,14 @@ class AutoIndex:
         shared: Sequence[Collection[str]] = (),
         executor: Executor | None = None,
         threads: int = 1,
+        hidden_rows: npt.NDArray[np.bool_] | None = None,
     ) -> list[Neighbours]:
         """:func:`search_many` of the chosen index."""
         if self._inner is None:
             return [[] for _ in range(len(queries))]
-        return search_many(self._inner, queries, k, excludes, shared, executor, threads)
+        return search_many(
+            self._inner, queries, k, excludes, shared, executor, threads, hidden_rows
+        )
 
     def vector(self, item_id: str) -> npt.NDArray[np.float32] | None:
         return None if self._inner is None else self._inner.vector(item_id)

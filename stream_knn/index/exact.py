@@ -226,6 +226,7 @@ class ExactIndex:
         shared: Sequence[Collection[str]] = (),
         executor: Executor | None = None,
         threads: int = 1,
+        hidden_rows: npt.NDArray[np.bool_] | None = None,
     ) -> list[Neighbours]:
         """:meth:`search` of each row of ``queries`` with ``excludes[i]`` and every
         ``shared`` id excluded, batched (see :func:`~stream_knn.index.base.search_many`).
@@ -241,13 +242,19 @@ class ExactIndex:
         if k <= 0 or n == 0:
             return [[] for _ in range(len(qs))]
         positions = self._positions
-        common = sorted({positions[i] for part in shared for i in part if i in positions})
+        if hidden_rows is not None:
+            common = np.flatnonzero(hidden_rows)
+        else:
+            common = np.array(
+                sorted({positions[i] for part in shared for i in part if i in positions}),
+                dtype=np.intp,
+            )
         kk = min(k, n)
         rows = max(1, min(_BATCH_ROWS, BLOCK_CELLS // n))
         out: list[Neighbours] = []
         for start in range(0, len(qs), rows):
             scores = self._scores(qs[start : start + rows])
-            if common:
+            if len(common):
                 scores[:, common] = -np.inf
             for row, exclude in enumerate(excludes[start : start + rows]):
                 hidden = [positions[i] for i in exclude if i in positions]

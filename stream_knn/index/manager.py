@@ -64,6 +64,25 @@ class _Live:
     index: Index
     positions: dict[str, int]
     matrix: npt.NDArray[np.float32]
+    #: Rows the live index must skip: items changed since its build (their current vector
+    #: is in the delta) or deleted. Kept up to date by every change, so a batch search
+    #: does not look thousands of ids up per call.
+    hidden: npt.NDArray[np.bool_]
+
+    @classmethod
+    def of(
+        cls,
+        info: VersionInfo,
+        index: Index,
+        matrix: npt.NDArray[np.float32],
+        changed: Collection[str],
+        dead: Collection[str],
+    ) -> _Live:
+        positions = {item_id: pos for pos, item_id in enumerate(index.ids)}
+        hidden = np.zeros(len(positions), dtype=np.bool_)
+        rows = [positions[i] for part in (changed, dead) for i in part if i in positions]
+        hidden[rows] = True
+        return cls(info, index, positions, matrix, hidden)
 
 
 class _Delta:
@@ -381,6 +400,10 @@ class IndexManager:
                 else:
                     self._changed[item_id] = base + row + 1
                     moved.append(item_id)
+            if live is not None:
+                at = pos[[last[i] for i in last]]
+                keep = at >= 0
+                live.hidden[at[keep]] = ~same[[last[i] for i in last]][keep]
             self._delta.set_many(moved, matrix[[last[i] for i in moved]])
             if self._due_now():
                 self._wake.notify_all()
@@ -396,6 +419,8 @@ class IndexManager:
             self._changed.pop(item_id, None)
             self._delta.remove(item_id)
             self._tombstones.add(item_id)
+            if live is not None and item_id in live.positions:
+                live.hidden[live.positions[item_id]] = True
             self._dirty.add(item_id)
             return True
 
@@ -435,7 +460,6 @@ class IndexManager:
                 logger.error("index build (new basis) failed: %s", exc)
                 raise
             self._last_build_seconds = seconds
-            positions = {item_id: pos for pos, item_id in enumerate(index.ids)}
             with self._lock:
                 old = self._live
                 dropped = set(self._vectors) | (set() if old is None else set(old.positions))
@@ -443,8 +467,8 @@ class IndexManager:
                 self._seq += 1
                 self.basis = basis
                 self._vectors = fresh
-                self._live = _Live(info, index, positions, matrix)
                 self._changed = {}
+                self._live = _Live.of(info, index, matrix, (), self._tombstones)
                 self._dirty = set()
                 self._delta = _Delta(self.dims, self.metric)
             logger.info(
@@ -543,7 +567,9 @@ class IndexManager:
             found: list[Neighbours] = (
                 [[] for _ in range(len(qs))]
                 if live is None
-                else search_many(live.index, qs, k, excludes, (changed, dead), executor, threads)
+                else search_many(
+                    live.index, qs, k, excludes, (changed, dead), executor, threads, live.hidden
+                )
             )
             with self._lock:
                 if live is not self._live:  # swapped meanwhile: start over on the new one
@@ -793,11 +819,10 @@ class IndexManager:
         self, info: VersionInfo, index: Index, matrix: npt.NDArray[np.float32], snap_seq: int
     ) -> None:
         """Serve ``index``, built from the vectors as of change ``snap_seq``."""
-        positions = {item_id: pos for pos, item_id in enumerate(index.ids)}
         with self._lock:
             old = self._live
-            self._live = _Live(info, index, positions, matrix)
             self._changed = {i: s for i, s in self._changed.items() if s > snap_seq}
+            self._live = _Live.of(info, index, matrix, self._changed, self._tombstones)
             delta = _Delta(self.dims, self.metric)
             for item_id in self._changed:
                 delta.set(item_id, self._vectors[item_id])
@@ -818,8 +843,8 @@ class IndexManager:
                 rows = matrix[[positions[i] for i in in_index]]
                 equal = _same_rows(rows, current, self.metric)
                 same = {i for i, ok in zip(in_index, equal.tolist(), strict=True) if ok}
-            self._live = _Live(info, index, positions, matrix)
             self._changed = {i: self._seq for i in ids if i not in same}
+            self._live = _Live.of(info, index, matrix, self._changed, self._tombstones)
             delta = _Delta(self.dims, self.metric)
             for item_id in self._changed:
                 delta.set(item_id, self._vectors[item_id])

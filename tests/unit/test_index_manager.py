@@ -551,3 +551,40 @@ def test_upsert_many_rejects_a_bad_batch_whole(manager: IndexManager) -> None:
     assert (manager.item_count, manager.change_seq) == (0, 0)
     manager.upsert_many([], np.empty((0, DIMS), dtype=np.float32))
     assert manager.change_seq == 0
+
+
+def test_the_rows_hidden_from_the_live_index_follow_every_change(tmp_path: Path) -> None:
+    # A batch search skips the live rows of changed and deleted items through a mask kept
+    # up to date by each change; it must always equal what the changed and deleted ids say.
+    m = IndexManager(_config(backend="exact"), tmp_path, DIMS, build_in_process=True)
+    try:
+        items = _items(40)
+        m.upsert_many(list(items), np.stack(list(items.values())))
+        m.rebuild_now()
+        rng = np.random.default_rng(3)
+
+        def expected() -> set[int]:
+            live = m._live
+            assert live is not None
+            gone = set(m._changed) | m._tombstones
+            return {pos for item, pos in live.positions.items() if item in gone}
+
+        for step in range(60):
+            pick = [f"i{j}" for j in rng.choice(40, size=3, replace=False)]
+            if step % 7 == 3:
+                m.delete(pick[0])
+            elif step % 5 == 0:
+                # Back to the vectors the live version was built from: no longer hidden.
+                m.upsert_many(pick, np.stack([items[i] for i in pick]))
+            else:
+                m.upsert_many(pick, rng.normal(size=(3, DIMS)).astype(np.float32))
+            if step == 30:
+                m.rebuild_now()
+            live = m._live
+            assert live is not None
+            assert set(np.flatnonzero(live.hidden).tolist()) == expected()
+            query = rng.normal(size=(2, DIMS)).astype(np.float32)
+            batch, single = m.search_many(query, 5, [(), ()]), [m.search(q, 5) for q in query]
+            assert [[i for i, _ in row] for row in batch] == [[i for i, _ in r] for r in single]
+    finally:
+        m.stop()
