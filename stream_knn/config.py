@@ -44,6 +44,10 @@ __all__ = [
     "load_config",
 ]
 
+#: Settings that also take ``inf`` (TOML ``inf``, environment ``inf``): half-lives, where
+#: it means no decay.
+_UNBOUNDED_SUFFIXES = ("half_life_seconds", "half_life_events")
+
 Metric = Literal["angular", "euclidean", "dot", "manhattan"]
 Backend = Literal["auto", "annoy", "exact", "hnsw"]
 WeightFunction = Literal["similarity", "distance", "popularity_blend"]
@@ -127,11 +131,18 @@ class ModelConfig:
     projection_refit_interval_seconds: float = 600.0
     #: Items (highest recent popularity first) the projection is fitted on, at most.
     projection_fit_max_items: int = 50_000
-    #: Half-life of past behaviour in item vectors, seconds of event time. Co-occurrence
-    #: structure moves slowly: a season, not a month (30 days lost 8% HR@10 on MovieLens).
-    half_life_seconds: float = 90 * 24 * 3600.0
-    #: Half-life of past interactions in a user's query vector, seconds of event time.
-    profile_half_life_seconds: float = 7 * 24 * 3600.0
+    #: Half-life of past behaviour in item vectors (and in the recent popularity kept with
+    #: them), seconds of event time; ``inf``: no decay. A wall-clock constant is only right
+    #: for data of one pace: 90 days gave HR@10 0.1412 on MovieLens 100K and 0.0826 on the
+    #: same events stretched to twenty years; no decay gives 0.1421 and 0.1454.
+    half_life_seconds: float = math.inf
+    #: Half-life of past interactions in a user's query vector, seconds of event time
+    #: (``inf``: none; the rank decay below is the default).
+    profile_half_life_seconds: float = math.inf
+    #: Half-life of past interactions in a user's query vector, counted in the user's own
+    #: newer interactions (a rank, not an age: the same on a stream of any pace). MovieLens
+    #: 100K HR@10 by value: 2: 0.165, 3: 0.167, 5: 0.165, 10: 0.157, 20: 0.149, inf: 0.139.
+    profile_half_life_events: float = 5.0
     #: Recent items kept per user (query vector and exclusion list).
     profile_max_items: int = 50
     #: Share of the catalog (content) vector in an item's blended vector, 0..1.
@@ -424,6 +435,8 @@ def _coerce(setting: str, hint: Any, value: Any) -> Any:
             number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{setting} = {value!r} is not valid; expected a number") from None
+        if number == math.inf and setting.endswith(_UNBOUNDED_SUFFIXES):
+            return number  # a half-life of inf: no decay
         if not math.isfinite(number):
             raise ConfigError(f"{setting} = {value!r} is not valid; expected a finite number")
         return number
@@ -512,6 +525,12 @@ def _check_ranges(config: Config) -> None:
         "model.profile_half_life_seconds",
         m.profile_half_life_seconds,
         "> 0",
+    )
+    _require(
+        m.profile_half_life_events > 0,
+        "model.profile_half_life_events",
+        m.profile_half_life_events,
+        "> 0 (inf: no decay by rank)",
     )
     _require(m.profile_max_items >= 1, "model.profile_max_items", m.profile_max_items, ">= 1")
     _require(0.0 <= m.catalog_weight <= 1.0, "model.catalog_weight", m.catalog_weight, "0..1")

@@ -201,7 +201,11 @@ class StreamingModel:
             return None
         # The worker's query step (stream_knn.embeddings.profile.query_vectors), one user.
         queries, usable = query_vectors(
-            [profile], self._row_vector, now_ms, self.config.profile_half_life_seconds
+            [profile],
+            self._row_vector,
+            now_ms,
+            self.config.profile_half_life_seconds,
+            half_life_events=self.config.profile_half_life_events,
         )
         return unit(queries[0]) if usable[0] else None
 

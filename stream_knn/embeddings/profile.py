@@ -8,6 +8,8 @@ through an anonymous pseudo-random vector) and fade with the item half-life.
 
 from __future__ import annotations
 
+import math
+
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -106,6 +108,7 @@ class UserProfile:
         vectors: Callable[[str], Vector | None],
         now_ms: int,
         half_life_seconds: float,
+        half_life_events: float = math.inf,
     ) -> Vector | None:
         """The user's query vector for an angular search.
 
@@ -128,11 +131,13 @@ class UserProfile:
         numpy.ndarray or None
             float32 query vector, ``None`` if no item has a (non-zero) vector.
         """
-        queries, usable = query_vectors([self], vectors, now_ms, half_life_seconds)
+        queries, usable = query_vectors(
+            [self], vectors, now_ms, half_life_seconds, half_life_events=half_life_events
+        )
         return queries[0] if usable[0] else None
 
     def query_weights(
-        self, now_ms: int, half_life_seconds: float
+        self, now_ms: int, half_life_seconds: float, half_life_events: float = math.inf
     ) -> tuple[list[str], npt.NDArray[np.float64]]:
         """Item ids and their coefficients in :meth:`query_vector`.
 
@@ -142,7 +147,9 @@ class UserProfile:
         Returns
         -------
         tuple
-            ``(ids, weight_i * 2 ** (-max(0, ref - ts_i) / half_life))``, in profile order,
+            ``(ids, weight_i * 2 ** (-max(0, ref - ts_i) / half_life - rank_i / events))``
+            in profile order (``rank_i``: newer items in the profile, ``events``:
+            ``half_life_events``),
             with ``ref = min(now, newest ts)``: decaying to the newest interaction rather
             than to ``now`` keeps the relative weights (and so the ranking) the same while
             an old history does not underflow to a zero vector.
@@ -153,7 +160,10 @@ class UserProfile:
         weights = np.fromiter((w for _, _, w in self.items), dtype=np.float64, count=n)
         reference = min(float(now_ms), float(ts.max())) if n else float(now_ms)
         elapsed = np.maximum(0.0, reference - ts)
-        return ids, weights * np.exp2(-elapsed / (half_life_seconds * 1000.0))
+        rank = np.arange(n - 1, -1, -1, dtype=np.float64)
+        return ids, weights * np.exp2(
+            -elapsed / (half_life_seconds * 1000.0) - rank / half_life_events
+        )
 
     def to_bytes(self) -> bytes:
         """Compact serialisation: header, int64 times, float64 weights, orjson id list.
@@ -208,6 +218,8 @@ def query_vectors(
     now_ms: int | Sequence[int],
     half_life_seconds: float,
     dims: int | None = None,
+    *,
+    half_life_events: float = math.inf,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
     """:meth:`UserProfile.query_vector` of many profiles in one numpy pass.
 
@@ -229,6 +241,10 @@ def query_vectors(
     dims
         Width of the result when no profile has an item with a vector (else taken from
         the vectors).
+    half_life_events
+        ``model.profile_half_life_events``: an item's weight halves with every this many
+        newer items in the profile (its rank from the newest, not its age: the same on a
+        stream of any pace).
 
     Returns
     -------
@@ -277,6 +293,10 @@ def query_vectors(
     reference[present] = np.minimum(times[present], np.maximum.reduceat(ts, starts))
     elapsed = np.maximum(0.0, reference[owners] - ts)
     coefficients = weights * np.exp2(-elapsed / (half_life_seconds * 1000.0))
+    if math.isfinite(half_life_events):
+        # Rank from the owner's newest item (profiles are in arrival order).
+        rank = (np.cumsum(counts) - 1)[owners] - np.arange(m)
+        coefficients *= np.exp2(-rank / half_life_events)
     matrix = np.asarray(rows, dtype=np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
         norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix))

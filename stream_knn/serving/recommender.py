@@ -151,6 +151,7 @@ class Recommender:
         weight_function: str,
         popularity_weight: float,
         profile_half_life_seconds: float,
+        profile_half_life_events: float = math.inf,
         cache: QueryCache[Recommendation] | None = None,
     ) -> None:
         self.index = search
@@ -159,6 +160,7 @@ class Recommender:
         self.weight_function = weight_function
         self.popularity_weight = popularity_weight
         self.profile_half_life_seconds = profile_half_life_seconds
+        self.profile_half_life_events = profile_half_life_events
         self.cache = cache
 
     def for_user(
@@ -189,7 +191,12 @@ class Recommender:
             if hit is not None:
                 return hit
         query = (
-            profile.query_vector(self.index.vector, now_ms, self.profile_half_life_seconds)
+            profile.query_vector(
+                self.index.vector,
+                now_ms,
+                self.profile_half_life_seconds,
+                self.profile_half_life_events,
+            )
             if profile is not None
             else None
         )
@@ -246,6 +253,7 @@ class Recommender:
             self.index.vector,
             [r.now_ms if r.now_ms is not None else now_ms for r in requests],
             self.profile_half_life_seconds,
+            half_life_events=self.profile_half_life_events,
         )
         # Over-fetch when re-ranking so the blend can promote popular candidates.
         factor = 3 if self.weight_function == "popularity_blend" else 1

@@ -81,6 +81,7 @@ class RecommendationService(Service):
                 weight_function=variant.weight_function,
                 popularity_weight=config.serving.popularity_weight,
                 profile_half_life_seconds=config.model.profile_half_life_seconds,
+                profile_half_life_events=config.model.profile_half_life_events,
                 cache=self.cache,
             )
         self._primary = next(iter(self.managers.values()))

@@ -325,3 +325,54 @@ def test_evaluate_rejects_an_unknown_format(capsys: pytest.CaptureFixture[str]) 
         main(["evaluate", "--data", "x", "--format", "parquet"])
     assert exc.value.code == 2
     assert "invalid choice: 'parquet'" in capsys.readouterr().err
+
+
+# -- time-scale robustness: the same stream at another pace ---------------------------------
+
+
+def _at_pace(events: list[dict[str, object]], factor: float) -> list[dict[str, object]]:
+    """The same events, their times stretched by ``factor`` around the first one."""
+    t0 = int(events[0]["ts"])  # type: ignore[call-overload]
+    return [{**e, "ts": t0 + int((int(e["ts"]) - t0) * factor)} for e in events]  # type: ignore[call-overload]
+
+
+def _hr_at_paces(tmp_path: Path, config: Path | None) -> dict[float, float]:
+    # Two years of events with a taste shift halfway: a wall-clock half-life of the
+    # data's order (the old 90-day default) weighs these events very differently once the
+    # same stream runs 36x slower or 10x faster.
+    day_ms = 24 * 3600 * 1000
+    stream = SyntheticStream(
+        n_users=120, n_items=160, n_clusters=16, shift_at=1500, seed=4, step_ms=240 * 1000 * 1000
+    )
+    events = list(stream.events(3000))
+    assert int(events[-1]["ts"]) - int(events[0]["ts"]) > 700 * day_ms
+    hr: dict[float, float] = {}
+    for factor in (1.0, 36.0, 0.1):
+        data = tmp_path / f"pace-{factor}.jsonl"
+        data.write_text("".join(json.dumps(e) + "\n" for e in _at_pace(events, factor)))
+        out = tmp_path / f"pace-{factor}.json"
+        argv = ["evaluate", "--data", str(data), "--methods", "streaming", "--output", str(out)]
+        assert main([*(["--config", str(config)] if config else []), *argv, "--no-progress"]) == 0
+        hr[factor] = json.loads(out.read_text())["methods"]["streaming"]["hr"]
+    return hr
+
+
+def test_default_quality_holds_when_the_same_stream_runs_36x_slower_or_10x_faster(
+    tmp_path: Path,
+) -> None:
+    hr = _hr_at_paces(tmp_path, None)
+    assert hr[1.0] > 0.2  # the model learned something worth keeping
+    assert hr[36.0] == pytest.approx(hr[1.0], rel=0.05)
+    assert hr[0.1] == pytest.approx(hr[1.0], rel=0.05)
+
+
+def test_the_pace_check_catches_a_wall_clock_half_life(tmp_path: Path) -> None:
+    # The check has teeth: with the item half-life of the previous defaults (90 days of
+    # event time) the same stream at other paces does not score the same.
+    config = tmp_path / "wall-clock.toml"
+    config.write_text(
+        "[model]\nhalf_life_seconds = 7776000.0\nprofile_half_life_seconds = 604800.0\n"
+        "profile_half_life_events = inf\n"
+    )
+    hr = _hr_at_paces(tmp_path, config)
+    assert abs(hr[36.0] - hr[1.0]) > 0.05 * hr[1.0] or abs(hr[0.1] - hr[1.0]) > 0.05 * hr[1.0]
