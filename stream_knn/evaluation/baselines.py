@@ -146,12 +146,14 @@ class PopularityBaseline:
     Parameters
     ----------
     half_life_seconds : float
-        Half-life of an event's contribution, seconds of event time.
+        Half-life of an event's contribution, seconds of event time (``inf``: all-time
+        counts).
+    name : str
+        The method's name in a replay.
     """
 
-    name = "popularity"
-
-    def __init__(self, half_life_seconds: float) -> None:
+    def __init__(self, half_life_seconds: float, name: str = "popularity") -> None:
+        self.name = name
         self._rate = math.log(2) / (half_life_seconds * 1000.0)
         self._catalog = _Catalog()
         self._counts = np.zeros(1024, dtype=np.float64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import sys
 from pathlib import Path
 
 import orjson
@@ -17,6 +18,7 @@ from stream_knn.evaluation.report import (
     evaluation_json,
     evaluation_table,
     tune_json,
+    write_evaluation_report,
     write_tune_report,
 )
 from stream_knn.evaluation.tune import tune
@@ -57,6 +59,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--no-timing",
         action="store_true",
         help="leave latency and throughput out of the JSON (byte-identical reruns)",
+    )
+    ev.add_argument(
+        "--report",
+        metavar="DIR",
+        help="write report.md and a plot of HR and NDCG over time windows here",
     )
     ev.set_defaults(func=_evaluate)
 
@@ -145,6 +152,12 @@ def _evaluate(args: argparse.Namespace, config: Config) -> int:
             orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
         )
         print(f"wrote {args.output}")
+    if args.report:
+        command = "stream-knn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        report = write_evaluation_report(
+            result, Path(args.report), data=str(args.data), command=command
+        )
+        print(f"wrote {report}")
     return 0
 
 

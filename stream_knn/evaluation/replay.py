@@ -10,6 +10,7 @@ excluded from every method's lists, so they could only add the same miss to ever
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from stream_knn.evaluation.baselines import (
     PopularityBaseline,
     Recommender,
 )
-from stream_knn.evaluation.scoring import MethodResult, MethodStats
+from stream_knn.evaluation.scoring import MethodResult, MethodStats, merge_stats
 
 __all__ = [
     "METHODS",
@@ -43,8 +44,22 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Methods of an ``evaluate`` run, in table order.
+#: Methods of an ``evaluate`` run, in table order (``popularity`` stands for all of
+#: :data:`POPULARITY_HALF_LIVES`).
 METHODS: tuple[str, ...] = ("streaming", "item_knn", "popularity")
+
+_DAY = 24 * 3600.0
+#: The recent-popularity baselines of an evaluation: name -> half-life in seconds of event
+#: time. The model is compared with the strongest of them on each dataset.
+POPULARITY_HALF_LIVES: dict[str, float] = {
+    "popularity_1d": _DAY,
+    "popularity_7d": 7 * _DAY,
+    "popularity_30d": 30 * _DAY,
+    "popularity_90d": 90 * _DAY,
+    "popularity_all": math.inf,
+}
+#: Consecutive time windows an evaluation reports HR and NDCG over (equal event counts).
+EVAL_WINDOWS = 10
 
 
 class EventLike(Protocol):
@@ -250,7 +265,8 @@ def build_methods(
         if name == "streaming":
             methods.append(StreamingModelMethod(StreamingModel(config.model, config.events)))
         elif name == "popularity":
-            methods.append(PopularityBaseline(config.model.half_life_seconds))
+            for label, half_life in POPULARITY_HALF_LIVES.items():
+                methods.append(PopularityBaseline(half_life, name=label))
         elif name == "item_knn":
             try:
                 methods.append(
@@ -277,9 +293,22 @@ class EvaluationResult:
     first_events: int
     repeat_events: int
     cold_item_events: int
+    #: Per method, its metrics in each of :attr:`windows` (consecutive, equal event counts).
+    by_window: dict[str, list[MethodResult]] = field(default_factory=dict)
+    #: ``(first, last)`` event time of each window, epoch ms.
+    windows: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def strongest_popularity(self) -> str | None:
+        """The popularity baseline with the highest HR@k (None if none ran)."""
+        pops = [n for n in self.results if n.startswith("popularity")]
+        return max(pops, key=lambda n: self.results[n].hr) if pops else None
 
     def ratio(self, method: str, reference: str) -> float | None:
-        """HR@k of ``method`` over HR@k of ``reference`` (None when undefined)."""
+        """HR@k of ``method`` over HR@k of ``reference`` (None when undefined);
+        ``reference = "popularity"`` means the strongest popularity baseline."""
+        if reference == "popularity":
+            reference = self.strongest_popularity or reference
         a, b = self.results.get(method), self.results.get(reference)
         if a is None or b is None or b.hr == 0:
             return None
@@ -317,10 +346,25 @@ def evaluate_events(
     weights = [event_weight(e, config.events) for e in events]
     n_items = len({e.item_id for e in events})
     methods, skipped = build_methods(config, n_items, names, baseline_memory_mb=baseline_memory_mb)
-    outcome = replay(events, methods, k=k, weights=weights, progress=progress, desc="evaluate")
-    catalog = outcome.catalog_sizes[0] if outcome.catalog_sizes else 0
-    results = {m.name: outcome.stats[m.name][0].result(k, catalog) for m in methods}
+    n = len(events)
+    parts = max(1, min(EVAL_WINDOWS, n))
+    cuts = [n * w // parts for w in range(parts + 1)]
+    spans = [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+    outcome = replay(
+        events, methods, k=k, weights=weights, windows=spans, progress=progress, desc="evaluate"
+    )
+    catalog = outcome.catalog_sizes[-1] if outcome.catalog_sizes else 0
+    results = {m.name: merge_stats(outcome.stats[m.name]).result(k, catalog) for m in methods}
+    by_window = {
+        m.name: [
+            s.result(k, size)
+            for s, size in zip(outcome.stats[m.name], outcome.catalog_sizes, strict=True)
+        ]
+        for m in methods
+    }
     return EvaluationResult(
+        by_window=by_window,
+        windows=[(events[a].ts_ms, events[b - 1].ts_ms) for a, b in spans],
         k=k,
         results=results,
         skipped=skipped,

@@ -17,6 +17,7 @@ __all__ = [
     "METRIC_NOTES",
     "evaluation_json",
     "evaluation_table",
+    "write_evaluation_report",
     "tune_json",
     "write_tune_report",
 ]
@@ -40,7 +41,11 @@ METRIC_NOTES: dict[str, str] = {
         "user's event weights on the item; binary with default weights and one rating "
         "per pair); score = sum of cosines to the user's last profile_max_items items"
     ),
-    "popularity": "decayed weighted counts, half-life model.half_life_seconds",
+    "popularity": (
+        "decayed weighted counts with half-lives of 1, 7, 30 and 90 days of event time and "
+        "none (popularity_all); 'vs pop' is against the strongest of them on the data"
+    ),
+    "windows": "the replay cut into consecutive windows of equal event counts",
 }
 
 
@@ -52,19 +57,22 @@ def evaluation_table(result: EvaluationResult) -> str:
     """The evaluation as a fixed-width text table, one row per method."""
     k = result.k
     header = (
-        f"{'method':<12}{'HR@' + str(k):>9}{'NDCG@' + str(k):>9}{'MRR':>9}{'coverage':>10}"
+        f"{'method':<16}{'HR@' + str(k):>9}{'NDCG@' + str(k):>9}{'MRR':>9}{'coverage':>10}"
         f"{'p50 us':>10}{'p99 us':>10}{'events/s':>11}{'vs item-kNN':>13}{'vs pop':>9}"
     )
     lines = [header, "-" * len(header)]
     for name, r in result.results.items():
         lines.append(
-            f"{name:<12}{r.hr:>9.4f}{r.ndcg:>9.4f}{r.mrr:>9.4f}{r.coverage:>10.3f}"
+            f"{name:<16}{r.hr:>9.4f}{r.ndcg:>9.4f}{r.mrr:>9.4f}{r.coverage:>10.3f}"
             f"{r.p50_us:>10.1f}{r.p99_us:>10.1f}{r.events_per_s:>11,.0f}"
             f"{_ratio(result.ratio(name, 'item_knn')):>13}"
             f"{_ratio(result.ratio(name, 'popularity')):>9}"
         )
     for name, why in result.skipped.items():
-        lines.append(f"{name:<12}left out: {why}")
+        lines.append(f"{name:<16}left out: {why}")
+    strongest = result.strongest_popularity
+    if strongest is not None:
+        lines.append(f"vs pop: against {strongest}, the strongest popularity baseline here.")
     lines.append(
         f"{result.n_events:,} events, {result.n_users:,} users, {result.n_items:,} items; "
         f"scored {next(iter(result.results.values())).n_scored if result.results else 0:,} "
@@ -120,6 +128,18 @@ def evaluation_json(
             "cold_item_events": result.cold_item_events,
         },
         "methods": methods,
+        "strongest_popularity": result.strongest_popularity,
+        "windows": [
+            {
+                "first_ts_ms": first,
+                "last_ts_ms": last,
+                **{
+                    name: {"hr": rows[w].hr, "ndcg": rows[w].ndcg, "n_scored": rows[w].n_scored}
+                    for name, rows in result.by_window.items()
+                },
+            }
+            for w, (first, last) in enumerate(result.windows)
+        ],
         "skipped": result.skipped,
         "config": _sections(config, ("events", "model", "index", "serving")),
         "definitions": METRIC_NOTES,
@@ -174,6 +194,64 @@ def tune_json(result: TuneResult, *, data: str, timing: bool = True) -> dict[str
         "index": {"points": points, "chosen": chosen, "recall_target": RECALL_TARGET},
         "config": _sections(result.config, ("events", "model", "index", "serving")),
     }
+
+
+def write_evaluation_report(
+    result: EvaluationResult, directory: Path, *, data: str, command: str
+) -> Path:
+    """Write ``report.md`` and ``over_time.png`` (HR and NDCG per time window) into
+    ``directory``; return the report path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _plot_over_time(result, directory / "over_time.png")
+    k = result.k
+    strongest = result.strongest_popularity
+    lines = [
+        "# stream-knn evaluation",
+        "",
+        f"- data: `{data}` ({result.n_events:,} events, {result.n_users:,} users, "
+        f"{result.n_items:,} items)",
+        f"- command: `{command}`",
+        f"- protocol: {METRIC_NOTES['protocol']}",
+        "",
+        f"| method | HR@{k} | NDCG@{k} | MRR@{k} | coverage | vs item-kNN | vs {strongest} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in result.results.items():
+        lines.append(
+            f"| {name} | {r.hr:.4f} | {r.ndcg:.4f} | {r.mrr:.4f} | {r.coverage:.3f} | "
+            f"{_ratio(result.ratio(name, 'item_knn'))} | {_ratio(result.ratio(name, 'popularity'))} |"
+        )
+    lines += [
+        "",
+        f"Over time ({len(result.windows)} windows of equal event counts):",
+        "",
+        "![HR and NDCG per window](over_time.png)",
+        "",
+    ]
+    path = directory / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _plot_over_time(result: EvaluationResult, path: Path) -> None:
+    import datetime as dt
+
+    ends = [dt.datetime.fromtimestamp(last / 1000, tz=dt.UTC) for _, last in result.windows]
+    fig = Figure(figsize=(9, 4))
+    hr_ax, ndcg_ax = fig.subplots(1, 2, sharex=True)
+    for name, rows in result.by_window.items():
+        style = "-" if not name.startswith("popularity") else ":"
+        hr_ax.plot(ends, [r.hr for r in rows], style, marker="o", markersize=3, label=name)
+        ndcg_ax.plot(ends, [r.ndcg for r in rows], style, marker="o", markersize=3, label=name)
+    hr_ax.set_ylabel(f"HR@{result.k}")
+    ndcg_ax.set_ylabel(f"NDCG@{result.k}")
+    for ax in (hr_ax, ndcg_ax):
+        ax.set_xlabel("end of window (event time)")
+        ax.grid(alpha=0.3)
+        ax.tick_params(axis="x", labelrotation=30)
+    hr_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def write_tune_report(result: TuneResult, directory: Path, *, data: str, command: str) -> Path:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["MethodResult", "MethodStats", "percentile_us"]
+__all__ = ["MethodResult", "MethodStats", "merge_stats", "percentile_us"]
 
 
 @dataclass
@@ -81,6 +81,19 @@ class MethodStats:
             p99_us=percentile_us(self.latencies_ns, 99.0),
             events_per_s=self.n_learned / total_s if total_s > 0 else 0.0,
         )
+
+
+def merge_stats(parts: list[MethodStats]) -> MethodStats:
+    """The tallies of consecutive windows as one window over all of them."""
+    total = MethodStats(k=parts[0].k)
+    for part in parts:
+        total.n_scored += part.n_scored
+        total.rank_counts = [a + b for a, b in zip(total.rank_counts, part.rank_counts, strict=True)]
+        total.recommended |= part.recommended
+        total.latencies_ns.extend(part.latencies_ns)
+        total.learn_ns += part.learn_ns
+        total.n_learned += part.n_learned
+    return total
 
 
 @dataclass(frozen=True)

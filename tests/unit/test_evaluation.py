@@ -143,7 +143,13 @@ def test_over_budget_baseline_is_left_out_with_a_message() -> None:
     result = evaluate_events(
         events, Config(), k=2, names=("item_knn", "popularity"), baseline_memory_mb=1e-6
     )
-    assert list(result.results) == ["popularity"]
+    assert list(result.results) == [
+        "popularity_1d",
+        "popularity_7d",
+        "popularity_30d",
+        "popularity_90d",
+        "popularity_all",
+    ]
     assert "over the budget" in result.skipped["item_knn"]
 
 
@@ -203,7 +209,13 @@ def test_streaming_model_finds_planted_clusters_well_above_popularity(tmp_path: 
     out = tmp_path / "out.json"
     assert main(["evaluate", "--data", str(data), "--output", str(out), "--no-progress"]) == 0
     methods = json.loads(out.read_text())["methods"]
-    model, pop = methods["streaming"], methods["popularity"]
+    model = methods["streaming"]
+    # Compared with the strongest of the five popularity baselines.
+    pops = {n: m for n, m in methods.items() if n.startswith("popularity_")}
+    assert len(pops) == 5
+    strongest = json.loads(out.read_text())["strongest_popularity"]
+    pop = pops[strongest]
+    assert pop["hr"] == max(m["hr"] for m in pops.values())
     # Each user draws from one cluster of 10 items: a model that learned the clusters
     # serves the user's unseen cluster items first; popularity cannot tell users apart.
     assert model["n_scored"] == 1127
@@ -268,7 +280,11 @@ def test_evaluate_reads_every_format_the_same(tmp_path: Path, fmt: str) -> None:
         "repeat_events": 1,
         "cold_item_events": 2,
     }
-    assert set(doc["methods"]) == {"streaming", "item_knn", "popularity"}
+    assert set(doc["methods"]) == {
+        "streaming",
+        "item_knn",
+        *(f"popularity_{h}" for h in ("1d", "7d", "30d", "90d", "all")),
+    }
     for method in doc["methods"].values():
         assert (method["n_scored"], method["hits"]) == (6, 4)
         assert method["coverage"] == 1.0
@@ -376,3 +392,24 @@ def test_the_pace_check_catches_a_wall_clock_half_life(tmp_path: Path) -> None:
     )
     hr = _hr_at_paces(tmp_path, config)
     assert abs(hr[36.0] - hr[1.0]) > 0.05 * hr[1.0] or abs(hr[0.1] - hr[1.0]) > 0.05 * hr[1.0]
+
+
+def test_evaluate_report_shows_every_method_over_time(tmp_path: Path) -> None:
+    stream = SyntheticStream(n_users=40, n_items=60, n_clusters=6, seed=2, step_ms=3_600_000)
+    data = tmp_path / "events.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in stream.events(1200)))
+    out, report = tmp_path / "out.json", tmp_path / "report"
+    argv = ["evaluate", "--data", str(data), "--output", str(out), "--report", str(report)]
+    assert main([*argv, "--no-progress"]) == 0
+    doc = json.loads(out.read_text())
+    windows = doc["windows"]
+    assert len(windows) == 10
+    assert all(w["first_ts_ms"] <= w["last_ts_ms"] for w in windows)
+    assert all(a["last_ts_ms"] <= b["first_ts_ms"] for a, b in zip(windows, windows[1:]))
+    # The windows partition the scored events of each method.
+    for name, method in doc["methods"].items():
+        assert sum(w[name]["n_scored"] for w in windows) == method["n_scored"]
+    text = (report / "report.md").read_text()
+    assert f"vs {doc['strongest_popularity']}" in text and "| streaming |" in text
+    png = (report / "over_time.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
