@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -97,10 +98,11 @@ def default_space(config: Config, events: Sequence[EventLike]) -> SearchSpace:
     space: dict[str, tuple[float | int, ...]] = {
         "model__dims": _with_first(m.dims, (32, 64, 128, 256)),
         "model__half_life_seconds": _with_first(
-            m.half_life_seconds, (7 * _DAY, 30 * _DAY, 365 * _DAY)
+            m.half_life_seconds, (30 * _DAY, 365 * _DAY, math.inf)
         ),
-        "model__profile_half_life_seconds": _with_first(
-            m.profile_half_life_seconds, (7 * _DAY, 30 * _DAY, 365 * _DAY)
+        # Rank decay in the user's own history: the same at any pace of the data.
+        "model__profile_half_life_events": _with_first(
+            m.profile_half_life_events, (2.0, 5.0, 10.0, 20.0, math.inf)
         ),
     }
     types = {e.event_type for e in events}
