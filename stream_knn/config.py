@@ -225,6 +225,11 @@ class ServingConfig:
     #: Annoy's search releases the GIL; 2 threads answered 23.3k queries/s against 12.8k
     #: on 1 here (2 cores).
     search_threads: int = 2
+    #: Score candidate query settings (rank half-lives, a short memory) side by side on a
+    #: sample of events and serve the best (:mod:`stream_knn.serving.tuning`).
+    self_tuning: bool = True
+    #: Share of events every candidate is scored on (one extra list per candidate each).
+    tuning_sample_rate: float = 0.05
     variants: tuple[VariantConfig, ...] = (VariantConfig(),)
 
 
@@ -557,6 +562,12 @@ def _check_ranges(config: Config) -> None:
     _require(1 <= s.k <= s.max_k, "serving.k", s.k, f"integers 1..serving.max_k ({s.max_k})")
     _require(
         0.0 <= s.popularity_weight <= 1.0, "serving.popularity_weight", s.popularity_weight, "0..1"
+    )
+    _require(
+        0.0 < s.tuning_sample_rate <= 1.0,
+        "serving.tuning_sample_rate",
+        s.tuning_sample_rate,
+        "0 < rate <= 1"
     )
     _require(
         s.emit_interval_seconds >= 0,

@@ -27,6 +27,7 @@ from stream_knn.embeddings.projection import Projection, SketchProjector
 from stream_knn.embeddings.sketch import ItemState, RandomIndexing
 from stream_knn.events.schema import UserEvent
 from stream_knn.index.exact import top_k
+from stream_knn.serving.tuning import QuerySetting
 
 __all__ = ["StreamingModel"]
 
@@ -194,8 +195,13 @@ class StreamingModel:
         """The user's profile, ``None`` for an unknown (or forgotten) user."""
         return self._profiles.get(user_id)
 
-    def query_vector(self, user_id: str, now_ms: int) -> Vector | None:
-        """The user's unit query vector at ``now_ms``, ``None`` if none can be built."""
+    def query_vector(
+        self, user_id: str, now_ms: int, setting: QuerySetting | None = None
+    ) -> Vector | None:
+        """The user's unit query vector at ``now_ms``, ``None`` if none can be built.
+
+        ``setting`` (a self-tuning candidate) replaces the configured rank half-life.
+        """
         profile = self._profiles.get(user_id)
         if profile is None:
             return None
@@ -205,7 +211,12 @@ class StreamingModel:
             self._row_vector,
             now_ms,
             self.config.profile_half_life_seconds,
-            half_life_events=self.config.profile_half_life_events,
+            half_life_events=(
+                self.config.profile_half_life_events
+                if setting is None
+                else setting.half_life_events
+            ),
+            max_items=None if setting is None else setting.max_items,
         )
         return unit(queries[0]) if usable[0] else None
 
@@ -220,6 +231,7 @@ class StreamingModel:
         now_ms: int,
         exclude_seen: bool = True,
         exclude: Collection[str] = (),
+        setting: QuerySetting | None = None,
     ) -> list[tuple[str, float]]:
         """Top-``k`` items by cosine with the user's query vector, best first.
 
@@ -242,7 +254,7 @@ class StreamingModel:
         list of (item_id, cosine)
             Empty for an unknown user or one whose items have no vector.
         """
-        query = self.query_vector(user_id, now_ms)
+        query = self.query_vector(user_id, now_ms, setting)
         if query is None:
             return []
         excluded = frozenset(exclude)

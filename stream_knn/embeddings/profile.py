@@ -220,6 +220,7 @@ def query_vectors(
     dims: int | None = None,
     *,
     half_life_events: float = math.inf,
+    max_items: int | None = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
     """:meth:`UserProfile.query_vector` of many profiles in one numpy pass.
 
@@ -245,6 +246,8 @@ def query_vectors(
         ``model.profile_half_life_events``: an item's weight halves with every this many
         newer items in the profile (its rank from the newest, not its age: the same on a
         stream of any pace).
+    max_items
+        Only each profile's newest ``max_items`` items make its query (``None``: all).
 
     Returns
     -------
@@ -266,8 +269,9 @@ def query_vectors(
         times = np.full(n, times)
     elif times.shape != (n,):
         raise ValueError(f"now_ms has {times.size} times for {n} profiles")
-    counts = np.fromiter((0 if p is None else len(p.items) for p in profiles), np.intp, n)
-    flat = [it for p in profiles if p is not None for it in p.items]
+    cut = -max_items if max_items is not None and max_items > 0 else 0
+    counts = np.fromiter((0 if p is None else len(p.items[cut:]) for p in profiles), np.intp, n)
+    flat = [it for p in profiles if p is not None for it in p.items[cut:]]
     width = dims
     rows: list[Vector] = []
     kept: list[int] = []

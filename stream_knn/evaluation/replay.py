@@ -29,6 +29,7 @@ from stream_knn.evaluation.baselines import (
     Recommender,
 )
 from stream_knn.evaluation.scoring import MethodResult, MethodStats, merge_stats
+from stream_knn.serving.tuning import SelfTuner, tuner_for
 
 __all__ = [
     "METHODS",
@@ -114,17 +115,41 @@ class StreamingModelMethod:
 
     name = "streaming"
 
-    def __init__(self, model: StreamingModel) -> None:
+    def __init__(self, model: StreamingModel, tuner: SelfTuner | None = None, k: int = 10) -> None:
         self.model = model
+        self.tuner = tuner
+        self.k = k
         self._seen: dict[str, set[str]] = {}
+        self._n = 0
+        #: ``(event time, old setting, new setting)`` of every self-tuning switch.
+        self.switches: list[tuple[int, str, str]] = []
 
     def learn(self, user_id: str, item_id: str, weight: float, ts_ms: int) -> None:
+        tuner, seen = self.tuner, self._seen.get(user_id)
+        self._n += 1
+        # The worker's self-tuning: candidates scored before the event is learned.
+        if tuner is not None and seen is not None and item_id not in seen:
+            if tuner.sampled(str(self._n)):
+                hits = {
+                    name: any(
+                        found == item_id
+                        for found, _ in self.model.recommend(
+                            user_id, self.k, ts_ms, exclude=seen, setting=setting
+                        )
+                    )
+                    for name, setting in tuner.candidates.items()
+                }
+                switch = tuner.record(hits)
+                if switch is not None:
+                    self.switches.append((ts_ms, switch.old, switch.new))
         self.model.learn_one(user_id, item_id, weight, ts_ms)
         self._seen.setdefault(user_id, set()).add(item_id)
 
     def recommend(self, user_id: str, k: int, now_ms: int) -> list[str]:
         seen = self._seen.get(user_id, ())
-        return [item for item, _ in self.model.recommend(user_id, k, now_ms, exclude=seen)]
+        setting = None if self.tuner is None else self.tuner.served
+        found = self.model.recommend(user_id, k, now_ms, exclude=seen, setting=setting)
+        return [item for item, _ in found]
 
 
 @dataclass
@@ -263,7 +288,13 @@ def build_methods(
     skipped: dict[str, str] = {}
     for name in names:
         if name == "streaming":
-            methods.append(StreamingModelMethod(StreamingModel(config.model, config.events)))
+            tuner = (
+                tuner_for(config.model.profile_half_life_events, config.serving.tuning_sample_rate)
+                if config.serving.self_tuning
+                else None
+            )
+            model = StreamingModel(config.model, config.events)
+            methods.append(StreamingModelMethod(model, tuner, config.serving.k))
         elif name == "popularity":
             for label, half_life in POPULARITY_HALF_LIVES.items():
                 methods.append(PopularityBaseline(half_life, name=label))
@@ -297,6 +328,9 @@ class EvaluationResult:
     by_window: dict[str, list[MethodResult]] = field(default_factory=dict)
     #: ``(first, last)`` event time of each window, epoch ms.
     windows: list[tuple[int, int]] = field(default_factory=list)
+    #: The streaming model's self-tuning: settings served, samples, hit rates, switches
+    #: (None when it was off or the model did not run).
+    tuning: dict[str, object] | None = None
 
     @property
     def strongest_popularity(self) -> str | None:
@@ -362,7 +396,25 @@ def evaluate_events(
         ]
         for m in methods
     }
+    tuning = None
+    for method in methods:
+        if isinstance(method, StreamingModelMethod) and method.tuner is not None:
+            tuner = method.tuner
+            tuning = {
+                "served_first": next(iter(tuner.candidates)),
+                "served_last": tuner.served.name,
+                "candidates": {
+                    c.name: {"half_life_events": c.half_life_events, "max_items": c.max_items}
+                    for c in tuner.candidates.values()
+                },
+                "samples": tuner.samples,
+                "hit_rates": tuner.hit_rates,
+                "switches": [
+                    {"ts_ms": ts, "from": old, "to": new} for ts, old, new in method.switches
+                ],
+            }
     return EvaluationResult(
+        tuning=tuning,
         by_window=by_window,
         windows=[(events[a].ts_ms, events[b - 1].ts_ms) for a, b in spans],
         k=k,

@@ -129,6 +129,7 @@ def evaluation_json(
         },
         "methods": methods,
         "strongest_popularity": result.strongest_popularity,
+        "self_tuning": result.tuning,
         "windows": [
             {
                 "first_ts_ms": first,
@@ -221,6 +222,23 @@ def write_evaluation_report(
             f"| {name} | {r.hr:.4f} | {r.ndcg:.4f} | {r.mrr:.4f} | {r.coverage:.3f} | "
             f"{_ratio(result.ratio(name, 'item_knn'))} | {_ratio(result.ratio(name, 'popularity'))} |"
         )
+    tuning = result.tuning
+    if tuning is not None:
+        rates = tuning["hit_rates"]
+        assert isinstance(rates, dict)
+        switches = tuning["switches"]
+        assert isinstance(switches, list)
+        lines += [
+            "",
+            f"Self-tuning of the query step: {tuning['samples']:,} sampled events, decayed hit "
+            "rates at the end: "
+            + ", ".join(f"{name} {rate:.4f}" for name, rate in rates.items())
+            + f"; served {tuning['served_first']} first, {tuning['served_last']} at the end.",
+        ]
+        for s in switches:
+            lines.append(f"- {_when(s['ts_ms'])}: {s['from']} -> {s['to']}")
+        if not switches:
+            lines.append("- no switch: no candidate beat the served setting by the margin")
     lines += [
         "",
         f"Over time ({len(result.windows)} windows of equal event counts):",
@@ -233,6 +251,13 @@ def write_evaluation_report(
     return path
 
 
+def _when(ts_ms: object) -> str:
+    import datetime as dt
+
+    assert isinstance(ts_ms, int)
+    return dt.datetime.fromtimestamp(ts_ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M")
+
+
 def _plot_over_time(result: EvaluationResult, path: Path) -> None:
     import datetime as dt
 
@@ -243,6 +268,11 @@ def _plot_over_time(result: EvaluationResult, path: Path) -> None:
         style = "-" if not name.startswith("popularity") else ":"
         hr_ax.plot(ends, [r.hr for r in rows], style, marker="o", markersize=3, label=name)
         ndcg_ax.plot(ends, [r.ndcg for r in rows], style, marker="o", markersize=3, label=name)
+    for s in (result.tuning or {}).get("switches", []):  # type: ignore[union-attr]
+        when = dt.datetime.fromtimestamp(s["ts_ms"] / 1000, tz=dt.UTC)
+        for ax in (hr_ax, ndcg_ax):
+            ax.axvline(when, color="grey", linestyle="--", linewidth=1)
+        hr_ax.annotate(s["to"], (when, hr_ax.get_ylim()[1]), fontsize=7, va="top")
     hr_ax.set_ylabel(f"HR@{result.k}")
     ndcg_ax.set_ylabel(f"NDCG@{result.k}")
     for ax in (hr_ax, ndcg_ax):

@@ -84,6 +84,24 @@ class Metrics:
             "Index builds that failed (the previous version kept serving).",
             registry=registry,
         )
+        self.tuning_hit_rate = Gauge(
+            "stream_knn_tuning_hit_rate",
+            "Self-tuning: decayed prequential hit rate of each candidate query setting on "
+            "the sampled events.",
+            ["setting"],
+            registry=registry,
+        )
+        self.tuning_served = Gauge(
+            "stream_knn_tuning_served",
+            "Self-tuning: 1 for the query setting lists are built with, 0 for the others.",
+            ["setting"],
+            registry=registry,
+        )
+        self.tuning_switches = Counter(
+            "stream_knn_tuning_switches",
+            "Self-tuning: times the served query setting changed.",
+            registry=registry,
+        )
         self.index_version = Gauge(
             "stream_knn_index_version", "Version number of the live index.", registry=registry
         )

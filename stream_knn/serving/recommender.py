@@ -18,6 +18,7 @@ import numpy.typing as npt
 from stream_knn.embeddings.profile import UserProfile, query_vectors
 from stream_knn.serving.cache import QueryCache
 from stream_knn.serving.popularity import Popularity
+from stream_knn.serving.tuning import QuerySetting
 
 __all__ = [
     "ListRequest",
@@ -153,6 +154,7 @@ class Recommender:
         profile_half_life_seconds: float,
         profile_half_life_events: float = math.inf,
         cache: QueryCache[Recommendation] | None = None,
+        query_max_items: int | None = None,
     ) -> None:
         self.index = search
         self.popularity = popularity
@@ -161,6 +163,8 @@ class Recommender:
         self.popularity_weight = popularity_weight
         self.profile_half_life_seconds = profile_half_life_seconds
         self.profile_half_life_events = profile_half_life_events
+        #: Only the newest this many profile items make a query (None: all).
+        self.query_max_items = query_max_items
         self.cache = cache
 
     def for_user(
@@ -186,20 +190,24 @@ class Recommender:
                 self.index.change_seq,
                 profile.version,
                 frozenset(exclude),
+                self.profile_half_life_events,
+                self.query_max_items,
             )
             hit = self.cache.get(key)
             if hit is not None:
                 return hit
-        query = (
-            profile.query_vector(
+        query = None
+        if profile is not None:
+            # The query step of for_many, one profile (the same lists either way).
+            queries, usable = query_vectors(
+                [profile],
                 self.index.vector,
                 now_ms,
                 self.profile_half_life_seconds,
-                self.profile_half_life_events,
+                half_life_events=self.profile_half_life_events,
+                max_items=self.query_max_items,
             )
-            if profile is not None
-            else None
-        )
+            query = queries[0] if usable[0] else None
         result: Recommendation
         if query is None or not np.any(query):
             result = Recommendation(self.popularity.top(k, seen), version, fallback="popular")
@@ -229,8 +237,11 @@ class Recommender:
         now_ms: int,
         executor: Executor | None = None,
         threads: int = 1,
+        setting: QuerySetting | None = None,
     ) -> list[Recommendation]:
         """:meth:`for_user` of every request, made in bulk; the same lists.
+
+        ``setting`` (a self-tuning candidate) replaces the recommender's own query step.
 
         The query vectors come from one numpy pass (:func:`query_vectors`), the index is
         searched once for all of them (:meth:`VectorSearch.search_many`, Annoy from
@@ -253,7 +264,10 @@ class Recommender:
             self.index.vector,
             [r.now_ms if r.now_ms is not None else now_ms for r in requests],
             self.profile_half_life_seconds,
-            half_life_events=self.profile_half_life_events,
+            half_life_events=(
+                self.profile_half_life_events if setting is None else setting.half_life_events
+            ),
+            max_items=self.query_max_items if setting is None else setting.max_items,
         )
         # Over-fetch when re-ranking so the blend can promote popular candidates.
         factor = 3 if self.weight_function == "popularity_blend" else 1

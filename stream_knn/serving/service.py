@@ -32,6 +32,7 @@ from stream_knn.serving.cache import QueryCache
 from stream_knn.serving.popularity import Popularity
 from stream_knn.serving.recommender import ListRequest, Recommendation, Recommender
 from stream_knn.serving.variants import ResolvedVariant, VariantAssigner
+from stream_knn.serving.tuning import QuerySetting, SelfTuner, tuner_for
 
 __all__ = ["ListRequest", "RecommendationService"]
 
@@ -85,6 +86,15 @@ class RecommendationService(Service):
                 cache=self.cache,
             )
         self._primary = next(iter(self.managers.values()))
+        #: Self-tuning of the query step (None when off): every recommender builds its
+        #: queries with the served setting.
+        self.tuner: SelfTuner | None = (
+            tuner_for(config.model.profile_half_life_events, config.serving.tuning_sample_rate)
+            if config.serving.self_tuning
+            else None
+        )
+        if self.tuner is not None:
+            self._serve_setting(self.tuner.served)
         # The cache counts on the hot path; the Prometheus counters catch up on refresh.
         self._synced_hits = 0
         self._synced_misses = 0
@@ -192,9 +202,11 @@ class RecommendationService(Service):
         requests: Sequence[ListRequest],
         now_ms: int,
         variants: Sequence[ResolvedVariant] | None = None,
+        setting: QuerySetting | None = None,
     ) -> list[Recommendation]:
         """The lists of a whole batch, in request order: what :meth:`recommend` would
-        answer for each request, one at a time, for the same state.
+        answer for each request, one at a time, for the same state (``setting``: a
+        self-tuning candidate's query step instead of the served one).
 
         Requests are grouped by A/B variant (``variants[i]`` if given, else assigned from
         the user id); each group is answered by its recommender in bulk
@@ -229,10 +241,42 @@ class RecommendationService(Service):
                 now_ms,
                 self._search_pool,
                 self._search_threads if self._search_pool is not None else 1,
+                setting,
             )
             for pos, answer in zip(positions, answers, strict=True):
                 out[pos] = answer
         return [answer for answer in out if answer is not None]
+
+    def shadow_score(self, samples: Sequence[tuple[ListRequest, str]], now_ms: int) -> None:
+        """Self-tuning: score every candidate setting on ``samples`` (a request built from
+        the user's profile *before* an event, and the event's item), in one batch per
+        candidate; serve a better candidate when the tuner says so."""
+        tuner = self.tuner
+        if tuner is None or not samples:
+            return
+        requests = [request for request, _ in samples]
+        variants = [self.assigner.assign(r.user_id) for r in requests]
+        hits: dict[str, list[bool]] = {}
+        for name, setting in tuner.candidates.items():
+            lists = self.recommend_many(requests, now_ms, variants, setting)
+            hits[name] = [
+                any(found == item for found, _ in rec.items)
+                for rec, (_, item) in zip(lists, samples, strict=True)
+            ]
+        for row in range(len(samples)):
+            if tuner.record({name: flags[row] for name, flags in hits.items()}) is not None:
+                self.metrics.tuning_switches.inc()
+                self._serve_setting(tuner.served)
+        for name, rate in tuner.hit_rates.items():
+            self.metrics.tuning_hit_rate.labels(name).set(rate)
+
+    def _serve_setting(self, setting: QuerySetting) -> None:
+        for recommender in self.recommenders.values():
+            recommender.profile_half_life_events = setting.half_life_events
+            recommender.query_max_items = setting.max_items
+        assert self.tuner is not None
+        for name in self.tuner.candidates:
+            self.metrics.tuning_served.labels(name).set(1.0 if name == setting.name else 0.0)
 
     def similar(
         self, item_id: str, k: int, variant: ResolvedVariant | None = None

@@ -428,10 +428,23 @@ class WorkerApp:
         due: list[_Due] = []
         #: Per user, the profile its deferred (coalesced) list will be built from, if any.
         deferred: dict[str, UserProfile | None] = {}
+        tuner = self.service.tuner
+        #: Self-tuning samples: the user's profile before the event, and the event's item.
+        samples: list[tuple[ListRequest, str]] = []
+        before: dict[str, UserProfile | None] = {}
         for emission in learned.emissions:
             ev = emission.event
             produced_s = valid[emission.index][1]
             assert ev.item_id is not None
+            if tuner is not None:
+                pre = before[ev.user_id] if ev.user_id in before else stored.get(ev.user_id)
+                before[ev.user_id] = emission.profile
+                if (
+                    pre is not None
+                    and ev.item_id not in pre.recent_items()
+                    and tuner.sampled(ev.event_id)
+                ):
+                    samples.append((ListRequest(ev.user_id, pre, (), ev.ts_ms), ev.item_id))
             self._note_online_hit(ev.user_id, ev.item_id, assign(ev.user_id).name)
             observe(ev)
             if offer(ev.user_id, (ev, produced_s), now):
@@ -455,6 +468,7 @@ class WorkerApp:
                 self.latest_profiles[user] = maybe_profile
         self._send_item_updates(learned.item_events)
         self._emit_many(due)
+        self.service.shadow_score(samples, int(now * 1000))
         for event_type, n in counts.items():
             metrics.events.labels(event_type, "ok").inc(n)
         if valid:

@@ -90,6 +90,7 @@ def test_prometheus_scrapes_series_that_move(worker_env, run_worker, require_too
             "stream_knn_index_items",
             "stream_knn_cache_hit_ratio",
             "stream_knn_consumer_lag",
+            "stream_knn_tuning_served",
         ):
             assert _query(port, name), f"{name} not scraped"
         assert _query(port, 'stream_knn_dlq_total{reason="not_json"}')[0]["value"][1] == "1"
@@ -119,3 +120,7 @@ def test_prometheus_scrapes_series_that_move(worker_env, run_worker, require_too
     emitted = _samples(exposition, "stream_knn_recommendations_total")
     event_emissions = sum(v for k, v in emitted.items() if 'trigger="event"' in k)
     assert sum(count.values()) == event_emissions == 300.0
+    # Self-tuning is on by default and serves the configured query setting first.
+    served = _samples(exposition, "stream_knn_tuning_served")
+    assert served['stream_knn_tuning_served{setting="rank5"}'] == 1.0
+    assert sum(served.values()) == 1.0
