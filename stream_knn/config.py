@@ -567,7 +567,7 @@ def _check_ranges(config: Config) -> None:
         0.0 < s.tuning_sample_rate <= 1.0,
         "serving.tuning_sample_rate",
         s.tuning_sample_rate,
-        "0 < rate <= 1"
+        "0 < rate <= 1",
     )
     _require(
         s.emit_interval_seconds >= 0,

@@ -9,7 +9,6 @@ through an anonymous pseudo-random vector) and fade with the item half-life.
 from __future__ import annotations
 
 import math
-
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass

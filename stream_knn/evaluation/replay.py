@@ -9,13 +9,14 @@ excluded from every method's lists, so they could only add the same miss to ever
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from tqdm import tqdm
 
@@ -29,7 +30,8 @@ from stream_knn.evaluation.baselines import (
     Recommender,
 )
 from stream_knn.evaluation.scoring import MethodResult, MethodStats, merge_stats
-from stream_knn.serving.tuning import SelfTuner, tuner_for
+from stream_knn.serving.popularity import Popularity
+from stream_knn.serving.tuning import QuerySetting, SelfTuner, tuner_for
 
 __all__ = [
     "METHODS",
@@ -119,6 +121,9 @@ class StreamingModelMethod:
         self.model = model
         self.tuner = tuner
         self.k = k
+        # The worker's popularity (the fallback, and the tuner's "popular" candidate),
+        # ranked afresh at every ask so a replay does not depend on its own speed.
+        self.popularity = Popularity(model.config.half_life_seconds, refresh_seconds=0.0)
         self._seen: dict[str, set[str]] = {}
         self._n = 0
         #: ``(event time, old setting, new setting)`` of every self-tuning switch.
@@ -128,26 +133,37 @@ class StreamingModelMethod:
         tuner, seen = self.tuner, self._seen.get(user_id)
         self._n += 1
         # The worker's self-tuning: candidates scored before the event is learned.
-        if tuner is not None and seen is not None and item_id not in seen:
-            if tuner.sampled(str(self._n)):
-                hits = {
-                    name: any(
-                        found == item_id
-                        for found, _ in self.model.recommend(
-                            user_id, self.k, ts_ms, exclude=seen, setting=setting
-                        )
-                    )
-                    for name, setting in tuner.candidates.items()
-                }
-                switch = tuner.record(hits)
-                if switch is not None:
-                    self.switches.append((ts_ms, switch.old, switch.new))
+        if (
+            tuner is not None
+            and seen is not None
+            and item_id not in seen
+            and tuner.sampled(str(self._n))
+        ):
+            hits = {
+                name: item_id in self._list(user_id, self.k, ts_ms, seen, setting)
+                for name, setting in tuner.candidates.items()
+            }
+            switch = tuner.record(hits)
+            if switch is not None:
+                self.switches.append((ts_ms, switch.old, switch.new))
         self.model.learn_one(user_id, item_id, weight, ts_ms)
+        self.popularity.observe(item_id, weight, ts_ms)
         self._seen.setdefault(user_id, set()).add(item_id)
 
     def recommend(self, user_id: str, k: int, now_ms: int) -> list[str]:
-        seen = self._seen.get(user_id, ())
         setting = None if self.tuner is None else self.tuner.served
+        return self._list(user_id, k, now_ms, self._seen.get(user_id, set()), setting)
+
+    def _list(
+        self,
+        user_id: str,
+        k: int,
+        now_ms: int,
+        seen: Collection[str],
+        setting: QuerySetting | None,
+    ) -> list[str]:
+        if setting is not None and setting.popularity:
+            return [item for item, _ in self.popularity.top(k, seen)]
         found = self.model.recommend(user_id, k, now_ms, exclude=seen, setting=setting)
         return [item for item, _ in found]
 
@@ -330,7 +346,7 @@ class EvaluationResult:
     windows: list[tuple[int, int]] = field(default_factory=list)
     #: The streaming model's self-tuning: settings served, samples, hit rates, switches
     #: (None when it was off or the model did not run).
-    tuning: dict[str, object] | None = None
+    tuning: dict[str, Any] | None = None
 
     @property
     def strongest_popularity(self) -> str | None:
@@ -383,7 +399,7 @@ def evaluate_events(
     n = len(events)
     parts = max(1, min(EVAL_WINDOWS, n))
     cuts = [n * w // parts for w in range(parts + 1)]
-    spans = [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+    spans = [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
     outcome = replay(
         events, methods, k=k, weights=weights, windows=spans, progress=progress, desc="evaluate"
     )

@@ -17,8 +17,8 @@ __all__ = [
     "METRIC_NOTES",
     "evaluation_json",
     "evaluation_table",
-    "write_evaluation_report",
     "tune_json",
+    "write_evaluation_report",
     "write_tune_report",
 ]
 
@@ -220,14 +220,12 @@ def write_evaluation_report(
     for name, r in result.results.items():
         lines.append(
             f"| {name} | {r.hr:.4f} | {r.ndcg:.4f} | {r.mrr:.4f} | {r.coverage:.3f} | "
-            f"{_ratio(result.ratio(name, 'item_knn'))} | {_ratio(result.ratio(name, 'popularity'))} |"
+            f"{_ratio(result.ratio(name, 'item_knn'))} | "
+            f"{_ratio(result.ratio(name, 'popularity'))} |"
         )
     tuning = result.tuning
     if tuning is not None:
-        rates = tuning["hit_rates"]
-        assert isinstance(rates, dict)
-        switches = tuning["switches"]
-        assert isinstance(switches, list)
+        rates, switches = tuning["hit_rates"], tuning["switches"]
         lines += [
             "",
             f"Self-tuning of the query step: {tuning['samples']:,} sampled events, decayed hit "
@@ -268,7 +266,7 @@ def _plot_over_time(result: EvaluationResult, path: Path) -> None:
         style = "-" if not name.startswith("popularity") else ":"
         hr_ax.plot(ends, [r.hr for r in rows], style, marker="o", markersize=3, label=name)
         ndcg_ax.plot(ends, [r.ndcg for r in rows], style, marker="o", markersize=3, label=name)
-    for s in (result.tuning or {}).get("switches", []):  # type: ignore[union-attr]
+    for s in (result.tuning or {}).get("switches", []):
         when = dt.datetime.fromtimestamp(s["ts_ms"] / 1000, tz=dt.UTC)
         for ax in (hr_ax, ndcg_ax):
             ax.axvline(when, color="grey", linestyle="--", linewidth=1)

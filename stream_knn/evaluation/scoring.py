@@ -88,7 +88,9 @@ def merge_stats(parts: list[MethodStats]) -> MethodStats:
     total = MethodStats(k=parts[0].k)
     for part in parts:
         total.n_scored += part.n_scored
-        total.rank_counts = [a + b for a, b in zip(total.rank_counts, part.rank_counts, strict=True)]
+        total.rank_counts = [
+            a + b for a, b in zip(total.rank_counts, part.rank_counts, strict=True)
+        ]
         total.recommended |= part.recommended
         total.latencies_ns.extend(part.latencies_ns)
         total.learn_ns += part.learn_ns

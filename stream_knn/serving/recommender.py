@@ -165,6 +165,8 @@ class Recommender:
         self.profile_half_life_events = profile_half_life_events
         #: Only the newest this many profile items make a query (None: all).
         self.query_max_items = query_max_items
+        #: Self-tuning found recent popularity the better answer: serve it to everyone.
+        self.serve_popularity = False
         self.cache = cache
 
     def for_user(
@@ -192,12 +194,13 @@ class Recommender:
                 frozenset(exclude),
                 self.profile_half_life_events,
                 self.query_max_items,
+                self.serve_popularity,
             )
             hit = self.cache.get(key)
             if hit is not None:
                 return hit
         query = None
-        if profile is not None:
+        if profile is not None and not self.serve_popularity:
             # The query step of for_many, one profile (the same lists either way).
             queries, usable = query_vectors(
                 [profile],
@@ -259,6 +262,11 @@ class Recommender:
             if r.profile is not None:
                 hidden |= r.profile.recent_items()
             seen.append(hidden)
+        if setting.popularity if setting is not None else self.serve_popularity:
+            return [
+                Recommendation(self.popularity.top(size, hidden), version, fallback="popular")
+                for size, hidden in zip(sizes, seen, strict=True)
+            ]
         queries, usable = query_vectors(
             [r.profile for r in requests],
             self.index.vector,

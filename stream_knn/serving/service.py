@@ -31,8 +31,8 @@ from stream_knn.metrics.registry import Metrics
 from stream_knn.serving.cache import QueryCache
 from stream_knn.serving.popularity import Popularity
 from stream_knn.serving.recommender import ListRequest, Recommendation, Recommender
-from stream_knn.serving.variants import ResolvedVariant, VariantAssigner
 from stream_knn.serving.tuning import QuerySetting, SelfTuner, tuner_for
+from stream_knn.serving.variants import ResolvedVariant, VariantAssigner
 
 __all__ = ["ListRequest", "RecommendationService"]
 
@@ -274,6 +274,7 @@ class RecommendationService(Service):
         for recommender in self.recommenders.values():
             recommender.profile_half_life_events = setting.half_life_events
             recommender.query_max_items = setting.max_items
+            recommender.serve_popularity = setting.popularity
         assert self.tuner is not None
         for name in self.tuner.candidates:
             self.metrics.tuning_served.labels(name).set(1.0 if name == setting.name else 0.0)

@@ -17,7 +17,7 @@ Examples
 --------
 >>> tuner = SelfTuner(DEFAULT_CANDIDATES, "rank5", sample_rate=1.0, min_samples=4, memory=50)
 >>> for _ in range(10):
-...     switched = tuner.record({"rank5": False, "rank2": True, "rank20": False, "recent10": False})
+...     switched = tuner.record({"rank5": False, "rank2": True, "recent10": False})
 >>> tuner.served.name, len(tuner.switches)
 ('rank2', 1)
 """
@@ -44,16 +44,20 @@ class QuerySetting:
     half_life_events: float
     #: Only the newest this many items of the profile make the query (None: all of them).
     max_items: int | None = None
+    #: No query at all: the recent-popularity list (where the neighbour signal is weak, a
+    #: stream dominated by a few hits, this is the better answer, and the tuner finds it).
+    popularity: bool = False
 
 
-#: The candidates: the default (rank half-life 5), a sharper and a flatter decay, and a
-#: short memory. Chosen to span what ML-100K showed (2: 0.165, 5: 0.165, 20: 0.149) without
-#: tuning to it.
+#: The candidates: the default (rank half-life 5), a sharper and a flatter decay, a short
+#: memory, and recent popularity. Chosen to span what ML-100K showed (2: 0.165, 5: 0.165,
+#: 20: 0.149) without tuning to it.
 DEFAULT_CANDIDATES: tuple[QuerySetting, ...] = (
     QuerySetting("rank5", 5.0),
     QuerySetting("rank2", 2.0),
     QuerySetting("rank20", 20.0),
     QuerySetting("recent10", math.inf, 10),
+    QuerySetting("popular", math.inf, popularity=True),
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,7 +406,7 @@ def test_evaluate_report_shows_every_method_over_time(tmp_path: Path) -> None:
     windows = doc["windows"]
     assert len(windows) == 10
     assert all(w["first_ts_ms"] <= w["last_ts_ms"] for w in windows)
-    assert all(a["last_ts_ms"] <= b["first_ts_ms"] for a, b in zip(windows, windows[1:]))
+    assert all(a["last_ts_ms"] <= b["first_ts_ms"] for a, b in itertools.pairwise(windows))
     # The windows partition the scored events of each method.
     for name, method in doc["methods"].items():
         assert sum(w[name]["n_scored"] for w in windows) == method["n_scored"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stream_knn.cli import main
@@ -89,3 +90,48 @@ def test_evaluate_replays_the_self_tuning_and_reports_its_switches(tmp_path: Pat
     assert rates[tuning["served_last"]] > rates["rank_inf"]
     hr = {name: doc["methods"]["streaming"]["hr"] for name, doc in (("t", tuned), ("f", fixed))}  # type: ignore[index]
     assert hr["t"] > hr["f"]
+
+
+def test_on_a_stream_of_a_few_hits_the_tuner_falls_back_to_popularity(tmp_path: Path) -> None:
+    # Users pick items by one global popularity, unrelated to what else they took: the
+    # neighbour signal is noise, recent popularity the better answer. The model must not
+    # stay below it.
+    rng = np.random.default_rng(8)
+    weights = 1.0 / np.arange(1, 301) ** 1.1
+    items = rng.choice(300, size=8000, p=weights / weights.sum())
+    users = rng.integers(0, 300, size=8000)
+    data = tmp_path / "hits.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "user_id": f"u{u}",
+                    "item_id": f"i{i}",
+                    "event_type": "view",
+                    "ts": 1_700_000_000_000 + 60_000 * j,
+                }
+            )
+            + "\n"
+            for j, (u, i) in enumerate(zip(users.tolist(), items.tolist(), strict=True))
+        )
+    )
+    config = tmp_path / "sample.toml"
+    config.write_text("[serving]\ntuning_sample_rate = 0.5\n")
+    out = tmp_path / "out.json"
+    argv = ["--config", str(config), "evaluate", "--data", str(data), "--output", str(out)]
+    assert main([*argv, "--methods", "streaming,popularity", "--no-progress"]) == 0
+    doc = json.loads(out.read_text())
+    tuning = doc["self_tuning"]
+    assert tuning["served_last"] == "popular"
+    # Once switched (after its minimum of samples), it answers as well as the best
+    # popularity baseline.
+    switched = tuning["switches"][-1]["ts_ms"]
+    after = [w for w in doc["windows"] if w["first_ts_ms"] > switched]
+    assert len(after) >= 5
+
+    def hr(name: str) -> float:
+        return sum(w[name]["hr"] * w[name]["n_scored"] for w in after) / sum(
+            w[name]["n_scored"] for w in after
+        )
+
+    assert hr("streaming") >= 0.95 * hr(doc["strongest_popularity"])
