@@ -31,6 +31,7 @@ from stream_knn.evaluation.baselines import (
 )
 from stream_knn.evaluation.scoring import MethodResult, MethodStats, merge_stats
 from stream_knn.serving.popularity import Popularity
+from stream_knn.serving.recommender import apply_weight_function
 from stream_knn.serving.tuning import QuerySetting, SelfTuner, tuner_for
 
 __all__ = [
@@ -164,7 +165,15 @@ class StreamingModelMethod:
     ) -> list[str]:
         if setting is not None and setting.popularity:
             return [item for item, _ in self.popularity.top(k, seen)]
-        found = self.model.recommend(user_id, k, now_ms, exclude=seen, setting=setting)
+        blend = 0.0 if setting is None else setting.popularity_weight
+        found = self.model.recommend(
+            user_id, 3 * k if blend > 0 else k, now_ms, exclude=seen, setting=setting
+        )
+        if blend > 0:
+            # The worker's blend (Recommender with weight function popularity_blend).
+            found = apply_weight_function(
+                found, "popularity_blend", "angular", self.popularity, blend
+            )[:k]
         return [item for item, _ in found]
 
 

@@ -167,6 +167,9 @@ class Recommender:
         self.query_max_items = query_max_items
         #: Self-tuning found recent popularity the better answer: serve it to everyone.
         self.serve_popularity = False
+        #: Self-tuning serves similarity blended with this much recent popularity (0: the
+        #: variant's own weight function).
+        self.tuned_blend = 0.0
         self.cache = cache
 
     def for_user(
@@ -195,6 +198,7 @@ class Recommender:
                 self.profile_half_life_events,
                 self.query_max_items,
                 self.serve_popularity,
+                self.tuned_blend,
             )
             hit = self.cache.get(key)
             if hit is not None:
@@ -215,18 +219,15 @@ class Recommender:
         if query is None or not np.any(query):
             result = Recommendation(self.popularity.top(k, seen), version, fallback="popular")
         else:
+            function, weight = self._weighting(None)
             # Over-fetch when re-ranking so the blend can promote popular candidates.
-            fetch = k * 3 if self.weight_function == "popularity_blend" else k
+            fetch = k * 3 if function == "popularity_blend" else k
             found = self.index.search(query, fetch, exclude=seen)
             if not found:
                 result = Recommendation(self.popularity.top(k, seen), version, fallback="popular")
             else:
                 items = apply_weight_function(
-                    found,
-                    self.weight_function,
-                    self.metric,
-                    self.popularity,
-                    self.popularity_weight,
+                    found, function, self.metric, self.popularity, weight
                 )[:k]
                 result = Recommendation(items, version)
         if key is not None and self.cache is not None:
@@ -277,8 +278,9 @@ class Recommender:
             ),
             max_items=self.query_max_items if setting is None else setting.max_items,
         )
+        function, weight = self._weighting(setting)
         # Over-fetch when re-ranking so the blend can promote popular candidates.
-        factor = 3 if self.weight_function == "popularity_blend" else 1
+        factor = 3 if function == "popularity_blend" else 1
         found: dict[int, Neighbours] = {}
         asked = usable.nonzero()[0].tolist()
         for size in sorted({sizes[i] for i in asked}):
@@ -296,14 +298,18 @@ class Recommender:
                 )
                 continue
             items = apply_weight_function(
-                neighbours,
-                self.weight_function,
-                self.metric,
-                self.popularity,
-                self.popularity_weight,
+                neighbours, function, self.metric, self.popularity, weight
             )[:size]
             out.append(Recommendation(items, version))
         return out
+
+    def _weighting(self, setting: QuerySetting | None) -> tuple[str, float]:
+        """The weight function and popularity weight of a list: the variant's own, unless
+        self-tuning serves (or ``setting`` is) a blend with recent popularity."""
+        blend = self.tuned_blend if setting is None else setting.popularity_weight
+        if blend > 0.0:
+            return "popularity_blend", blend
+        return self.weight_function, self.popularity_weight
 
     def similar(self, item_id: str, k: int) -> Recommendation | None:
         """Items nearest ``item_id`` (never itself), or None for an unknown item."""

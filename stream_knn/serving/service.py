@@ -275,6 +275,7 @@ class RecommendationService(Service):
             recommender.profile_half_life_events = setting.half_life_events
             recommender.query_max_items = setting.max_items
             recommender.serve_popularity = setting.popularity
+            recommender.tuned_blend = setting.popularity_weight
         assert self.tuner is not None
         for name in self.tuner.candidates:
             self.metrics.tuning_served.labels(name).set(1.0 if name == setting.name else 0.0)

@@ -47,16 +47,20 @@ class QuerySetting:
     #: No query at all: the recent-popularity list (where the neighbour signal is weak, a
     #: stream dominated by a few hits, this is the better answer, and the tuner finds it).
     popularity: bool = False
+    #: Re-rank the nearest ``3 k`` by ``(1 - w) * similarity + w * popularity`` (both scaled
+    #: to 0..1), ``w`` this weight; 0: similarity alone.
+    popularity_weight: float = 0.0
 
 
 #: The candidates: the default (rank half-life 5), a sharper and a flatter decay, a short
-#: memory, and recent popularity. Chosen to span what ML-100K showed (2: 0.165, 5: 0.165,
-#: 20: 0.149) without tuning to it.
+#: memory, the default blended with recent popularity, and recent popularity alone. Chosen
+#: to span what ML-100K showed (2: 0.165, 5: 0.165, 20: 0.149) without tuning to it.
 DEFAULT_CANDIDATES: tuple[QuerySetting, ...] = (
     QuerySetting("rank5", 5.0),
     QuerySetting("rank2", 2.0),
     QuerySetting("rank20", 20.0),
     QuerySetting("recent10", math.inf, 10),
+    QuerySetting("rank5+pop", 5.0, popularity_weight=0.2),
     QuerySetting("popular", math.inf, popularity=True),
 )
 

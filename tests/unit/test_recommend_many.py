@@ -198,3 +198,31 @@ def test_manager_search_many_equals_search(tmp_path: Path) -> None:
         assert [s for _, s in got] == pytest.approx([s for _, s in one], abs=1e-5)
     with pytest.raises(ValueError, match="1 exclusion sets for 50 queries"):
         manager.search_many(queries, 10, [()])
+
+
+def test_every_self_tuning_candidate_gives_the_same_lists_served_or_shadowed(
+    service: RecommendationService,
+) -> None:
+    # A candidate scored in the shadow (recommend_many with its setting) must answer what
+    # it will answer once served, on the batch path and one list at a time (HTTP).
+    assert service.tuner is not None
+    rng = np.random.default_rng(12)
+    ids = [f"i{n}" for n in range(2_000)]
+    requests = [ListRequest(f"u{n}", _profile(rng, ids), now_ms=NOW) for n in range(60)]
+    shadow = {
+        name: service.recommend_many(requests, NOW, setting=setting)
+        for name, setting in service.tuner.candidates.items()
+    }
+    assert (
+        len({tuple(tuple(i for i, _ in r.items) for r in lists) for lists in shadow.values()}) > 3
+    )
+    for name, setting in service.tuner.candidates.items():
+        service._serve_setting(setting)
+        served = service.recommend_many(requests, NOW)
+        for request, got, ahead in zip(requests, served, shadow[name], strict=True):
+            variant = service.assigner.assign(request.user_id)
+            one = service.recommend(request.user_id, request.profile, variant.k, NOW)
+            assert [i for i, _ in got.items] == [i for i, _ in ahead.items], name
+            assert [i for i, _ in got.items] == [i for i, _ in one.items], name
+        if setting.popularity:
+            assert all(r.fallback == "popular" for r in served)
