@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Iterable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka import TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message
+from confluent_kafka import TopicPartition as KafkaPartition
 
 from stream_knn.config import Config
 from stream_knn.embeddings.codec import decode_vector
@@ -73,6 +75,63 @@ def _blend_rows(
     return out.astype(np.float32, copy=False), has_b | has_c
 
 
+#: Fetched batches the reader thread may hand over before the event loop applies them.
+_INBOX_BATCHES = 8
+
+
+def _high_watermarks(
+    consumer: Consumer, partitions: Sequence[tuple[str, int]]
+) -> dict[tuple[str, int], int]:
+    """Log-end offset of each ``(topic, partition)`` (blocking: run it off the loop)."""
+    out: dict[tuple[str, int], int] = {}
+    for topic, partition in partitions:
+        _, high = consumer.get_watermark_offsets(
+            KafkaPartition(topic, partition), timeout=10.0, cached=False
+        )
+        out[(topic, partition)] = int(high)
+    return out
+
+
+def _list_topic(consumer: Consumer, topic: str) -> Any:
+    """The cluster's metadata of ``topic`` (blocking: run it off the loop)."""
+    return consumer.list_topics(topic, timeout=5.0)
+
+
+def _read_changelogs(
+    consumer: Consumer,
+    loop: asyncio.AbstractEventLoop,
+    inbox: asyncio.Queue[list[Message]],
+    room: threading.BoundedSemaphore,
+    stop: threading.Event,
+) -> None:
+    """The reader thread: whole fetches from librdkafka to the loop, at most
+    :data:`_INBOX_BATCHES` waiting (the loop applies them in order)."""
+    while not stop.is_set():
+        if not room.acquire(timeout=0.2):
+            continue
+        messages: list[Message] = []
+        while not messages and not stop.is_set():
+            try:
+                got = consumer.consume(num_messages=5000, timeout=0.2)
+            except (KafkaException, RuntimeError) as exc:  # closed, or a fatal error
+                logger.warning("vector replica stopped reading: %s", exc)
+                room.release()
+                return
+            for message in got:
+                error = message.error()
+                if error is None:
+                    messages.append(message)
+                else:
+                    logger.warning("vector replica: %s", error)
+        if not messages:
+            room.release()
+            return
+        try:
+            loop.call_soon_threadsafe(inbox.put_nowait, messages)
+        except RuntimeError:  # the loop is closed: the worker is stopping
+            return
+
+
 class VectorReplica:
     """Tails ``<app>-item-vectors-changelog`` and ``<app>-item-contents-changelog``."""
 
@@ -92,7 +151,7 @@ class VectorReplica:
         self.skipped = 0
         self._last_refit: float | None = None
         self._gauge_due = 0.0
-        self._consumer: AIOKafkaConsumer | None = None
+        self._consumer: Consumer | None = None
         # Checked once: a runtime protocol check costs tens of us, more than a record.
         self._upsert_many = service.upsert_many if isinstance(service, _BatchFeed) else None
 
@@ -103,33 +162,51 @@ class VectorReplica:
         while not self.service.started:
             await asyncio.sleep(0.05)
         self.adopt_basis(self.service.primary.basis)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=cfg.kafka.bootstrap_servers,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=20,
-            max_poll_records=5000,
-        )
-        await consumer.start()
-        self._consumer = consumer
+        # librdkafka reads and decodes the changelogs in its own threads and one thread of
+        # ours waits on it: the event loop only applies whole batches (with aiokafka on the
+        # loop, fetching and decoding these records cost as much as applying them).
+        settings = {
+            "bootstrap.servers": cfg.kafka.bootstrap_servers,
+            "group.id": f"{cfg.worker.app_id}-vector-replica",  # assigned, never joined
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "logger": logger,
+        }
+        consumer = Consumer({**settings, "fetch.wait.max.ms": 20})
+        # A second handle answers pings and log-end offsets: librdkafka holds metadata
+        # requests on a handle while another thread waits in its consume().
+        probe = Consumer(settings)
+        self._consumer = probe
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[list[Message]] = asyncio.Queue()
+        room = threading.BoundedSemaphore(_INBOX_BATCHES)
+        stop = threading.Event()
+        reader: threading.Thread | None = None
         try:
-            partitions = await self._wait_for_partitions(consumer)
-            consumer.assign(partitions)
-            await consumer.seek_to_beginning(*partitions)
-            end = await consumer.end_offsets(partitions)
-            pending = {tp for tp, off in end.items() if off > 0}
+            partitions = await self._wait_for_partitions(probe)
+            end = await loop.run_in_executor(None, _high_watermarks, probe, partitions)
+            consumer.assign([KafkaPartition(t, p, OFFSET_BEGINNING) for t, p in partitions])
+            pending = {tp for tp, high in end.items() if high > 0}
             self.caught_up = not pending
+            reader = threading.Thread(
+                target=_read_changelogs,
+                args=(consumer, loop, inbox, room, stop),
+                name="stream-knn-vector-replica",
+                daemon=True,
+            )
+            reader.start()
             while True:
-                batches = await consumer.getmany(timeout_ms=200)
-                self.apply_many(
-                    (tp.topic, msg.key, msg.value)
-                    for tp, messages in batches.items()
-                    for msg in messages
-                )
-                for tp, messages in batches.items():
-                    if tp in pending and messages and messages[-1].offset + 1 >= end[tp]:
-                        pending.discard(tp)
+                batch = await inbox.get()
+                room.release()
+                while not inbox.empty():
+                    batch.extend(inbox.get_nowait())
+                    room.release()
+                self.apply_many((m.topic() or "", m.key(), m.value()) for m in batch)
+                if pending:
+                    for m in batch:
+                        tp = (m.topic(), m.partition())
+                        if tp in pending and (m.offset() or 0) + 1 >= end[tp]:
+                            pending.discard(tp)
                 if not self.caught_up and not pending:
                     self.caught_up = True
                     logger.info("item vectors replicated: %d items", len(self.known_items()))
@@ -141,7 +218,11 @@ class VectorReplica:
                     self.service.metrics.items.set(len(self.known_items()))
         finally:
             self._consumer = None
-            await consumer.stop()
+            stop.set()
+            if reader is not None:
+                await loop.run_in_executor(None, reader.join, 10.0)
+            consumer.close()
+            probe.close()
 
     async def ping(self) -> bool | None:
         """True when the broker answered a metadata request just now; None before the
@@ -149,9 +230,12 @@ class VectorReplica:
         consumer = self._consumer
         if consumer is None:
             return None
+        timeout = self.config.worker.broker_timeout_seconds
         try:
-            await consumer._client.fetch_all_metadata()
-        except (OSError, KafkaError) as exc:
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: consumer.list_topics(timeout=timeout)
+            )
+        except KafkaException as exc:
             logger.debug("broker ping failed: %s", exc)
             return False
         return True
@@ -161,19 +245,31 @@ class VectorReplica:
         consumer = self._consumer
         if consumer is None or not partitions:
             return {}
-        result: dict[TopicPartition, int] = await consumer.end_offsets(partitions)
-        return result
+        try:
+            ends = await asyncio.get_running_loop().run_in_executor(
+                None, _high_watermarks, consumer, [(tp.topic, tp.partition) for tp in partitions]
+            )
+        except KafkaException as exc:
+            logger.debug("log-end offsets not read: %s", exc)
+            return {}
+        return {TopicPartition(t, p): high for (t, p), high in ends.items()}
 
-    async def _wait_for_partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+    async def _wait_for_partitions(self, consumer: Consumer) -> list[tuple[str, int]]:
         # Faust creates the changelog topics when the app starts; wait until both exist.
+        loop = asyncio.get_running_loop()
+        topics = (self.behaviour_topic, self.content_topic)
         while True:
-            await consumer._client.force_metadata_update()
-            found: list[TopicPartition] = []
-            for topic in (self.behaviour_topic, self.content_topic):
-                parts = consumer.partitions_for_topic(topic)
-                if not parts:
+            found: list[tuple[str, int]] = []
+            for topic in topics:
+                try:
+                    meta = await loop.run_in_executor(None, _list_topic, consumer, topic)
+                except KafkaException as exc:
+                    logger.debug("changelog %s not listed yet: %s", topic, exc)
                     break
-                found.extend(TopicPartition(topic, p) for p in sorted(parts))
+                info = meta.topics.get(topic)
+                if info is None or info.error is not None or not info.partitions:
+                    break
+                found.extend((topic, p) for p in sorted(info.partitions))
             else:
                 return found
             await asyncio.sleep(0.5)
