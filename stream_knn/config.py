@@ -230,6 +230,9 @@ class ServingConfig:
     self_tuning: bool = True
     #: Share of events every candidate is scored on (one extra list per candidate each).
     tuning_sample_rate: float = 0.05
+    #: A worker scores at most this many sampled events a second (the cost stays bounded
+    #: at any traffic: 50 a second is 300 extra lists with the six candidates).
+    tuning_max_samples_per_second: float = 50.0
     variants: tuple[VariantConfig, ...] = (VariantConfig(),)
 
 
@@ -562,6 +565,12 @@ def _check_ranges(config: Config) -> None:
     _require(1 <= s.k <= s.max_k, "serving.k", s.k, f"integers 1..serving.max_k ({s.max_k})")
     _require(
         0.0 <= s.popularity_weight <= 1.0, "serving.popularity_weight", s.popularity_weight, "0..1"
+    )
+    _require(
+        s.tuning_max_samples_per_second > 0,
+        "serving.tuning_max_samples_per_second",
+        s.tuning_max_samples_per_second,
+        "> 0",
     )
     _require(
         0.0 < s.tuning_sample_rate <= 1.0,

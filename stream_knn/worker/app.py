@@ -45,6 +45,7 @@ from stream_knn.embeddings.codec import encode_vector
 from stream_knn.embeddings.profile import UserProfile
 from stream_knn.embeddings.sketch import ItemState, RandomIndexing
 from stream_knn.errors import DimensionError
+from stream_knn.events.producer import TokenBucket
 from stream_knn.events.schema import (
     CatalogRecord,
     DlqRecord,
@@ -222,6 +223,9 @@ class WorkerApp:
             config.model.sketch_dims, config.model.seed, config.model.half_life_seconds
         )
         self.service = RecommendationService(config, self.data_dir / "index", self.metrics)
+        #: Self-tuning samples a second, at most (see serving.tuning_max_samples_per_second).
+        rate = config.serving.tuning_max_samples_per_second
+        self.tuning_budget = TokenBucket(rate, capacity=rate)
         self.replica = VectorReplica(config, self.service)
         #: Last list per user, as a tuple of ids: a tuple of strings leaves the garbage
         #: collector's tracking, a set never does (200k of them made every full collection
@@ -443,6 +447,7 @@ class WorkerApp:
                     pre is not None
                     and ev.item_id not in pre.recent_items()
                     and tuner.sampled(ev.event_id)
+                    and self.tuning_budget.wait() == 0.0
                 ):
                     samples.append((ListRequest(ev.user_id, pre, (), ev.ts_ms), ev.item_id))
             self._note_online_hit(ev.user_id, ev.item_id, assign(ev.user_id).name)
