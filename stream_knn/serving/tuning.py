@@ -24,9 +24,9 @@ Examples
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -138,8 +138,7 @@ class SelfTuner:
         """Whether the event with ``key`` (its id, or its position in a replay) is scored."""
         if self.sample_rate >= 1.0:
             return True
-        digest = hashlib.blake2b(key.encode(), digest_size=4).digest()
-        return int.from_bytes(digest, "little") < self._threshold
+        return zlib.crc32(key.encode()) < self._threshold
 
     @property
     def hit_rates(self) -> dict[str, float]:

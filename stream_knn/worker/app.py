@@ -445,8 +445,8 @@ class WorkerApp:
                 before[ev.user_id] = emission.profile
                 if (
                     pre is not None
-                    and ev.item_id not in pre.recent_items()
                     and tuner.sampled(ev.event_id)
+                    and ev.item_id not in pre.recent_items()
                     and self.tuning_budget.wait() == 0.0
                 ):
                     samples.append((ListRequest(ev.user_id, pre, (), ev.ts_ms), ev.item_id))
