@@ -52,6 +52,8 @@ class VariantAssigner:
         self._bounds: Sequence[float] = bounds
 
     def assign(self, user_id: str) -> ResolvedVariant:
+        if len(self.variants) == 1:
+            return self.variants[0]  # no A/B test: no hash per event
         position = bucket_of(user_id)
         for variant, bound in zip(self.variants, self._bounds, strict=True):
             if position < bound:

@@ -55,7 +55,7 @@ from stream_knn.events.schema import (
     parse_request,
     parse_user_event,
 )
-from stream_knn.metrics.registry import Metrics
+from stream_knn.metrics.registry import Metrics, observe_many
 from stream_knn.serving.coalesce import EmitGate
 from stream_knn.serving.recommender import ListRequest, Recommendation
 from stream_knn.serving.service import RecommendationService
@@ -517,13 +517,16 @@ class WorkerApp:
         send = self.output.send
         topic = self.recommendations_topic
         sent: Counter[str] = Counter()
-        observe = self.metrics.end_to_end_latency.observe
-        for (ev, _, produced_s), rec, variant in zip(due, lists, variants, strict=True):
+        remember = self._remember_list
+        for (ev, _, _), rec, variant in zip(due, lists, variants, strict=True):
             body = _list_record(ev, variant.k, variant.name, rec, emitted_ms)
             send(topic, ev.user_id.encode(), body)
-            self._remember_list(ev.user_id, rec.items)
+            remember(ev.user_id, rec.items)
             sent[variant.name] += 1
-            observe(max(0.0, emitted_s - produced_s))
+        observe_many(
+            self.metrics.end_to_end_latency,
+            [max(0.0, emitted_s - produced_s) for _, _, produced_s in due],
+        )
         for name, n in sent.items():
             self.metrics.recommendations.labels(name, "event").inc(n)
 
