@@ -109,6 +109,24 @@ def top_k(scores: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
     return part[order]
 
 
+def neighbour_rows(
+    ids: Sequence[str], best: npt.NDArray[np.intp], picked: npt.NDArray[np.float32]
+) -> list[Neighbours]:
+    """``(ids[best[r, j]], picked[r, j])`` rows, without the ``-inf`` (hidden) entries.
+
+    Rows are sorted best first, so only a row ending in ``-inf`` has any: the pairs are
+    made in one pass over the whole block and only those rows are filtered.
+    """
+    n, k = best.shape
+    names = [ids[p] for p in best.ravel().tolist()]
+    pairs = list(zip(names, picked.ravel().tolist(), strict=True))
+    out = [pairs[i * k : (i + 1) * k] for i in range(n)]
+    if k:
+        for i in np.flatnonzero(picked[:, -1] == -np.inf).tolist():
+            out[i] = [pair for pair in out[i] if pair[1] != -np.inf]
+    return out
+
+
 def top_k_rows(scores: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
     """:func:`top_k` of every row of ``scores`` (2-d), ``1 <= k <= scores.shape[1]``."""
     n = scores.shape[1]
@@ -261,12 +279,7 @@ class ExactIndex:
                 if hidden:
                     scores[row, hidden] = -np.inf
             best = top_k_rows(scores, kk)
-            picked = np.take_along_axis(scores, best, axis=1)
-            ids = self._ids
-            for pos_row, score_row in zip(best.tolist(), picked.tolist(), strict=True):
-                out.append(
-                    [(ids[p], s) for p, s in zip(pos_row, score_row, strict=True) if s != -np.inf]
-                )
+            out.extend(neighbour_rows(self._ids, best, np.take_along_axis(scores, best, axis=1)))
         return out
 
     def vector(self, item_id: str) -> npt.NDArray[np.float32] | None:

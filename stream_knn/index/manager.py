@@ -39,7 +39,14 @@ from stream_knn.index.base import (
     search_many,
 )
 from stream_knn.index.builder import BuildJob, BuildProcess, VersionWriteError, build_version
-from stream_knn.index.exact import BLOCK_CELLS, ExactIndex, exact_scores, top_k, top_k_rows
+from stream_knn.index.exact import (
+    BLOCK_CELLS,
+    ExactIndex,
+    exact_scores,
+    neighbour_rows,
+    top_k,
+    top_k_rows,
+)
 from stream_knn.index.store import IndexStore, VersionInfo
 
 __all__ = ["IndexManager"]
@@ -185,11 +192,7 @@ class _Delta:
                 if hidden:
                     scores[row, hidden] = -np.inf
             best = top_k_rows(scores, kk)
-            picked = np.take_along_axis(scores, best, axis=1)
-            for positions, values in zip(best.tolist(), picked.tolist(), strict=True):
-                out.append(
-                    [(ids[p], v) for p, v in zip(positions, values, strict=True) if v != -np.inf]
-                )
+            out.extend(neighbour_rows(ids, best, np.take_along_axis(scores, best, axis=1)))
         return out
 
 

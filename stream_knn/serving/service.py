@@ -39,6 +39,8 @@ __all__ = ["ListRequest", "RecommendationService"]
 logger = logging.getLogger(__name__)
 
 _PROBE_K = 10
+#: Self-tuning samples scored together (one search per candidate for all of them).
+_SHADOW_BATCH = 32
 
 
 class RecommendationService(Service):
@@ -95,6 +97,8 @@ class RecommendationService(Service):
         )
         if self.tuner is not None:
             self._serve_setting(self.tuner.served)
+        #: Self-tuning samples waiting to be scored together.
+        self._shadow: list[tuple[ListRequest, str]] = []
         # The cache counts on the hot path; the Prometheus counters catch up on refresh.
         self._synced_hits = 0
         self._synced_misses = 0
@@ -250,10 +254,16 @@ class RecommendationService(Service):
     def shadow_score(self, samples: Sequence[tuple[ListRequest, str]], now_ms: int) -> None:
         """Self-tuning: score every candidate setting on ``samples`` (a request built from
         the user's profile *before* an event, and the event's item), in one batch per
-        candidate; serve a better candidate when the tuner says so."""
+        candidate once :data:`_SHADOW_BATCH` are pending (a search call per candidate for
+        a handful of samples cost more than the lists); serve a better candidate when the
+        tuner says so."""
         tuner = self.tuner
-        if tuner is None or not samples:
+        if tuner is None:
             return
+        self._shadow.extend(samples)
+        if len(self._shadow) < _SHADOW_BATCH:
+            return
+        samples, self._shadow = self._shadow, []
         requests = [request for request, _ in samples]
         variants = [self.assigner.assign(r.user_id) for r in requests]
         hits: dict[str, list[bool]] = {}
