@@ -34,6 +34,9 @@ class Popularity:
         self._ranked: list[tuple[str, float]] | None = None
         self._ranked_at = 0.0
         self._ranked_size = 0
+        # With refresh_seconds = 0 (a replay, which must not depend on its own speed) the
+        # ranking is recomputed when the counts changed since it was made, not per ask.
+        self._ranked_stale = True
 
     def observe(self, item_id: str, weight: float, ts_ms: int) -> None:
         if self._ref_ms is None:
@@ -44,6 +47,7 @@ class Popularity:
             self._rebase(ts_ms)
             exponent = 0.0
         self._counts[item_id] = self._counts.get(item_id, 0.0) + weight * math.exp(exponent)
+        self._ranked_stale = True
         if len(self._counts) > self._max_items:
             self._evict()
 
@@ -56,12 +60,14 @@ class Popularity:
             self._rebase(ts_ms)
             exponent = 0.0
         self._counts[item_id] = count * math.exp(exponent)
+        self._ranked_stale = True
         if len(self._counts) > self._max_items:
             self._evict()
 
     def remove(self, item_id: str) -> None:
         self._counts.pop(item_id, None)
         self._ranked = None  # a deleted item must never be served from the cached ranking
+        self._ranked_stale = True
 
     def score(self, item_id: str) -> float:
         """The item's count relative to the most popular item, in [0, 1]."""
@@ -88,7 +94,9 @@ class Popularity:
         if (
             ranked is None
             or want > self._ranked_size
-            or now - self._ranked_at >= self._refresh
+            or (
+                now - self._ranked_at >= self._refresh and (self._refresh > 0 or self._ranked_stale)
+            )
             # The ranking held every item and items were added since: a short catalog
             # (the start of a stream) must not serve short lists for half a second.
             or (len(ranked) < self._ranked_size and len(self._counts) != len(ranked))
@@ -96,6 +104,7 @@ class Popularity:
             size = max(want, 256)
             ranked = heapq.nlargest(size, self._counts.items(), key=lambda kv: kv[1])
             self._ranked, self._ranked_at, self._ranked_size = ranked, now, size
+            self._ranked_stale = False
         return ranked
 
     def __len__(self) -> int:
