@@ -38,6 +38,9 @@ METRICS = {
     "stream_knn_embedding_drift": "gauge",
     "stream_knn_neighbour_drift": "gauge",
     "stream_knn_input_drift": "gauge",
+    "stream_knn_tuning_hit_rate": "gauge",
+    "stream_knn_tuning_served": "gauge",
+    "stream_knn_tuning_switches_total": "counter",
 }
 _HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
 ALLOWED = {
