@@ -88,7 +88,14 @@ def bench_answers(
             q
             for r in requests
             if r.profile is not None
-            and (q := r.profile.query_vector(vectors, NOW, config.model.profile_half_life_seconds))
+            and (
+                q := r.profile.query_vector(
+                    vectors,
+                    NOW,
+                    config.model.profile_half_life_seconds,
+                    config.model.profile_half_life_events,
+                )
+            )
             is not None
         ]
         row: dict[str, Any] = {"items": n_items, "backend": index.backend}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -250,15 +251,11 @@ def write_evaluation_report(
 
 
 def _when(ts_ms: object) -> str:
-    import datetime as dt
-
     assert isinstance(ts_ms, int)
     return dt.datetime.fromtimestamp(ts_ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M")
 
 
 def _plot_over_time(result: EvaluationResult, path: Path) -> None:
-    import datetime as dt
-
     ends = [dt.datetime.fromtimestamp(last / 1000, tz=dt.UTC) for _, last in result.windows]
     fig = Figure(figsize=(9, 4))
     hr_ax, ndcg_ax = fig.subplots(1, 2, sharex=True)

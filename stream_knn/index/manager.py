@@ -404,9 +404,10 @@ class IndexManager:
                     self._changed[item_id] = base + row + 1
                     moved.append(item_id)
             if live is not None:
-                at = pos[[last[i] for i in last]]
+                rows = np.fromiter(last.values(), dtype=np.intp, count=len(last))
+                at = pos[rows]
                 keep = at >= 0
-                live.hidden[at[keep]] = ~same[[last[i] for i in last]][keep]
+                live.hidden[at[keep]] = ~same[rows[keep]]
             self._delta.set_many(moved, matrix[[last[i] for i in moved]])
             if self._due_now():
                 self._wake.notify_all()

@@ -152,9 +152,8 @@ class Recommender:
         weight_function: str,
         popularity_weight: float,
         profile_half_life_seconds: float,
-        profile_half_life_events: float = math.inf,
+        setting: QuerySetting | None = None,
         cache: QueryCache[Recommendation] | None = None,
-        query_max_items: int | None = None,
     ) -> None:
         self.index = search
         self.popularity = popularity
@@ -162,14 +161,8 @@ class Recommender:
         self.weight_function = weight_function
         self.popularity_weight = popularity_weight
         self.profile_half_life_seconds = profile_half_life_seconds
-        self.profile_half_life_events = profile_half_life_events
-        #: Only the newest this many profile items make a query (None: all).
-        self.query_max_items = query_max_items
-        #: Self-tuning found recent popularity the better answer: serve it to everyone.
-        self.serve_popularity = False
-        #: Self-tuning serves similarity blended with this much recent popularity (0: the
-        #: variant's own weight function).
-        self.tuned_blend = 0.0
+        #: How queries are made (the self-tuning's served setting; the service replaces it).
+        self.setting = setting or QuerySetting("configured", math.inf)
         self.cache = cache
 
     def for_user(
@@ -180,56 +173,25 @@ class Recommender:
         now_ms: int,
         exclude: Collection[str] = (),
     ) -> Recommendation:
-        """Top ``k`` for ``user_id``, never an item of the profile or of ``exclude``."""
-        seen = set(exclude)
-        if profile is not None:
-            seen |= profile.recent_items()
-        version = self.index.version
+        """Top ``k`` for ``user_id``, never an item of the profile or of ``exclude``:
+        :meth:`for_many` of one request, through the query cache."""
         key = None
         if self.cache is not None and profile is not None:
             key = (
                 "user",
                 user_id,
                 k,
-                version,
+                self.index.version,
                 self.index.change_seq,
                 profile.version,
                 frozenset(exclude),
-                self.profile_half_life_events,
-                self.query_max_items,
-                self.serve_popularity,
-                self.tuned_blend,
+                self.setting,
             )
             hit = self.cache.get(key)
             if hit is not None:
                 return hit
-        query = None
-        if profile is not None and not self.serve_popularity:
-            # The query step of for_many, one profile (the same lists either way).
-            queries, usable = query_vectors(
-                [profile],
-                self.index.vector,
-                now_ms,
-                self.profile_half_life_seconds,
-                half_life_events=self.profile_half_life_events,
-                max_items=self.query_max_items,
-            )
-            query = queries[0] if usable[0] else None
-        result: Recommendation
-        if query is None or not np.any(query):
-            result = Recommendation(self.popularity.top(k, seen), version, fallback="popular")
-        else:
-            function, weight = self._weighting(None)
-            # Over-fetch when re-ranking so the blend can promote popular candidates.
-            fetch = k * 3 if function == "popularity_blend" else k
-            found = self.index.search(query, fetch, exclude=seen)
-            if not found:
-                result = Recommendation(self.popularity.top(k, seen), version, fallback="popular")
-            else:
-                items = apply_weight_function(
-                    found, function, self.metric, self.popularity, weight
-                )[:k]
-                result = Recommendation(items, version)
+        request = ListRequest(user_id, profile, tuple(exclude), now_ms, k)
+        result = self.for_many([request], k, now_ms)[0]
         if key is not None and self.cache is not None:
             self.cache.put(key, result)
         return result
@@ -245,7 +207,8 @@ class Recommender:
     ) -> list[Recommendation]:
         """:meth:`for_user` of every request, made in bulk; the same lists.
 
-        ``setting`` (a self-tuning candidate) replaces the recommender's own query step.
+        ``setting`` (a self-tuning candidate) replaces the recommender's own
+        (:attr:`setting`).
 
         The query vectors come from one numpy pass (:func:`query_vectors`), the index is
         searched once for all of them (:meth:`VectorSearch.search_many`, Annoy from
@@ -263,7 +226,8 @@ class Recommender:
             if r.profile is not None:
                 hidden |= r.profile.recent_items()
             seen.append(hidden)
-        if setting.popularity if setting is not None else self.serve_popularity:
+        setting = setting or self.setting
+        if setting.popularity:
             return [
                 Recommendation(self.popularity.top(size, hidden), version, fallback="popular")
                 for size, hidden in zip(sizes, seen, strict=True)
@@ -273,10 +237,8 @@ class Recommender:
             self.index.vector,
             [r.now_ms if r.now_ms is not None else now_ms for r in requests],
             self.profile_half_life_seconds,
-            half_life_events=(
-                self.profile_half_life_events if setting is None else setting.half_life_events
-            ),
-            max_items=self.query_max_items if setting is None else setting.max_items,
+            half_life_events=setting.half_life_events,
+            max_items=setting.max_items,
         )
         function, weight = self._weighting(setting)
         # Over-fetch when re-ranking so the blend can promote popular candidates.
@@ -303,12 +265,11 @@ class Recommender:
             out.append(Recommendation(items, version))
         return out
 
-    def _weighting(self, setting: QuerySetting | None) -> tuple[str, float]:
+    def _weighting(self, setting: QuerySetting) -> tuple[str, float]:
         """The weight function and popularity weight of a list: the variant's own, unless
-        self-tuning serves (or ``setting`` is) a blend with recent popularity."""
-        blend = self.tuned_blend if setting is None else setting.popularity_weight
-        if blend > 0.0:
-            return "popularity_blend", blend
+        ``setting`` blends with recent popularity."""
+        if setting.popularity_weight > 0.0:
+            return "popularity_blend", setting.popularity_weight
         return self.weight_function, self.popularity_weight
 
     def similar(self, item_id: str, k: int) -> Recommendation | None:

@@ -31,7 +31,7 @@ from stream_knn.metrics.registry import Metrics
 from stream_knn.serving.cache import QueryCache
 from stream_knn.serving.popularity import Popularity
 from stream_knn.serving.recommender import ListRequest, Recommendation, Recommender
-from stream_knn.serving.tuning import QuerySetting, SelfTuner, tuner_for
+from stream_knn.serving.tuning import QuerySetting, SelfTuner, configured_setting, tuner_for
 from stream_knn.serving.variants import ResolvedVariant, VariantAssigner
 
 __all__ = ["ListRequest", "RecommendationService"]
@@ -84,7 +84,7 @@ class RecommendationService(Service):
                 weight_function=variant.weight_function,
                 popularity_weight=config.serving.popularity_weight,
                 profile_half_life_seconds=config.model.profile_half_life_seconds,
-                profile_half_life_events=config.model.profile_half_life_events,
+                setting=configured_setting(config.model.profile_half_life_events),
                 cache=self.cache,
             )
         self._primary = next(iter(self.managers.values()))
@@ -282,10 +282,7 @@ class RecommendationService(Service):
 
     def _serve_setting(self, setting: QuerySetting) -> None:
         for recommender in self.recommenders.values():
-            recommender.profile_half_life_events = setting.half_life_events
-            recommender.query_max_items = setting.max_items
-            recommender.serve_popularity = setting.popularity
-            recommender.tuned_blend = setting.popularity_weight
+            recommender.setting = setting
         assert self.tuner is not None
         for name in self.tuner.candidates:
             self.metrics.tuning_served.labels(name).set(1.0 if name == setting.name else 0.0)

@@ -30,7 +30,14 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_CANDIDATES", "QuerySetting", "SelfTuner", "Switch", "tuner_for"]
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "QuerySetting",
+    "SelfTuner",
+    "Switch",
+    "configured_setting",
+    "tuner_for",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +72,17 @@ DEFAULT_CANDIDATES: tuple[QuerySetting, ...] = (
 )
 
 
+def configured_setting(half_life_events: float) -> QuerySetting:
+    """The query setting of ``model.profile_half_life_events`` (named like a candidate)."""
+    name = "rank_inf" if math.isinf(half_life_events) else f"rank{half_life_events:g}"
+    return QuerySetting(name, half_life_events)
+
+
 def tuner_for(half_life_events: float, sample_rate: float) -> SelfTuner:
     """A tuner serving the configured rank half-life first, beside the other candidates."""
-    name = "rank_inf" if math.isinf(half_life_events) else f"rank{half_life_events:g}"
-    served = QuerySetting(name, half_life_events)
-    others = [c for c in DEFAULT_CANDIDATES if c.name != name]
-    return SelfTuner((served, *others), name, sample_rate=sample_rate)
+    served = configured_setting(half_life_events)
+    others = [c for c in DEFAULT_CANDIDATES if c.name != served.name]
+    return SelfTuner((served, *others), served.name, sample_rate=sample_rate)
 
 
 @dataclass(frozen=True)
