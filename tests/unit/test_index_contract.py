@@ -117,8 +117,12 @@ def test_save_load_round_trip_gives_identical_results(
 ) -> None:
     ids, vectors, queries = clustered
     index = _built(backend, metric, ids[:500], vectors[:500])
-    before = [index.search(q, 10) for q in queries[:20]]
     index.save(tmp_path)
+    # What the saving process serves once saved (Annoy reopens its file): a threaded
+    # Annoy build orders its tree roots by when each thread finished, and the file fixes
+    # one order, so answers from before the save may differ when the search budget ends
+    # between tied roots (seen once in ~600 runs on a busy machine).
+    before = [index.search(q, 10) for q in queries[:20]]
     loaded = create_index(backend, metric, 32, index.params)
     loaded.load(tmp_path)
     assert len(loaded) == 500
