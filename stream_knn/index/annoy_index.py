@@ -16,6 +16,7 @@ import numpy.typing as npt
 from stream_knn.errors import CorruptIndexError, IndexError_
 from stream_knn.index.base import (
     METRICS,
+    KnownIds,
     Metric,
     Neighbours,
     as_matrix,
@@ -23,7 +24,7 @@ from stream_knn.index.base import (
     check_ids,
     check_metric,
     filtered_search,
-    read_ids,
+    load_ids,
     write_ids,
 )
 
@@ -73,8 +74,8 @@ class AnnoyIndex:
         self.search_k = int(search_k)
         self.build_threads = int(build_threads)
         self._annoy = annoy.AnnoyIndex(self.dims, self.metric)
-        self._ids: list[str] = []
-        self._positions: dict[str, int] = {}
+        self._ids: Sequence[str] = []
+        self._positions: Mapping[str, int] = {}
         self._built = False
 
     @property
@@ -102,11 +103,11 @@ class AnnoyIndex:
             add(pos, matrix[pos])
         # Annoy releases the GIL while building, so callers in other threads keep going.
         self._annoy.build(self.n_trees, n_jobs=self.build_threads)
-        self._set_ids(item_ids)
+        self._set_ids(KnownIds.of(item_ids))
 
-    def _set_ids(self, ids: list[str]) -> None:
-        self._ids = ids
-        self._positions = {item: pos for pos, item in enumerate(ids)}
+    def _set_ids(self, known: KnownIds) -> None:
+        self._ids = known.ids
+        self._positions = known.positions
         self._built = True
 
     def _to_score(self, distance: float) -> float:
@@ -148,8 +149,9 @@ class AnnoyIndex:
         self._annoy.save(str(directory / _INDEX_FILE))
         write_ids(directory, self._ids)
 
-    def load(self, directory: Path) -> None:
-        ids = read_ids(directory)
+    def load(self, directory: Path, known: KnownIds | None = None) -> None:
+        known = load_ids(directory, known)
+        ids = known.ids
         path = directory / _INDEX_FILE
         if not path.is_file():
             raise CorruptIndexError(f"{path} is missing; the index version is incomplete")
@@ -161,4 +163,4 @@ class AnnoyIndex:
             raise CorruptIndexError(
                 f"{path} holds {self._annoy.get_n_items()} items but {len(ids)} ids are listed"
             )
-        self._set_ids(ids)
+        self._set_ids(known)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args, runtime_checkable
 
@@ -34,6 +35,7 @@ __all__ = [
     "BatchSearch",
     "HiddenIds",
     "Index",
+    "KnownIds",
     "Metric",
     "Neighbours",
     "as_matrix",
@@ -42,6 +44,7 @@ __all__ = [
     "check_metric",
     "create_index",
     "filtered_search",
+    "load_ids",
     "make_index",
     "read_ids",
     "same_vector",
@@ -88,8 +91,12 @@ class Index(Protocol):
     def save(self, directory: Path) -> None:
         """Write the index files into ``directory`` (which exists and is empty)."""
 
-    def load(self, directory: Path) -> None:
-        """Read (memory-map where the backend can) what :meth:`save` wrote."""
+    def load(self, directory: Path, known: KnownIds | None = None) -> None:
+        """Read (memory-map where the backend can) what :meth:`save` wrote.
+
+        ``known`` are the ids the files were written with, when the caller has them (the
+        process that built the version): the ids file is then not read again.
+        """
 
     def __len__(self) -> int:
         """Number of indexed items."""
@@ -269,6 +276,28 @@ def write_ids(directory: Path, ids: Sequence[str]) -> None:
     (directory / IDS_FILE).write_bytes(orjson.dumps(list(ids)))
 
 
+@dataclass(frozen=True)
+class KnownIds:
+    """The ids of a version in build order and their positions, as its builder has them.
+
+    Handed to :meth:`Index.load` by the process that built the version, so a load of a
+    large version neither parses its ids file nor rebuilds the position map (both are
+    read-only once made, and shared, not copied).
+    """
+
+    ids: Sequence[str]
+    positions: Mapping[str, int]
+
+    @classmethod
+    def of(cls, ids: Sequence[str]) -> KnownIds:
+        return cls(ids, {item: pos for pos, item in enumerate(ids)})
+
+
+def load_ids(directory: Path, known: KnownIds | None) -> KnownIds:
+    """``known``, or the ids file of ``directory`` with its position map."""
+    return KnownIds.of(read_ids(directory)) if known is None else known
+
+
 def read_ids(directory: Path) -> list[str]:
     """Read what :func:`write_ids` wrote; :class:`CorruptIndexError` if missing or invalid."""
     path = directory / IDS_FILE
@@ -416,12 +445,12 @@ class AutoIndex:
             raise IndexError_("build the index before saving it")
         self._inner.save(directory)
 
-    def load(self, directory: Path) -> None:
+    def load(self, directory: Path, known: KnownIds | None = None) -> None:
         # The backend that wrote the files is recognised by its main file.
         backend = "annoy" if (directory / "index.ann").is_file() else "exact"
         params = self._annoy if backend == "annoy" else {}
         inner = create_index(backend, self.metric, self.dims, params)
-        inner.load(directory)
+        inner.load(directory, known)
         self._inner, self.backend = inner, inner.backend
 
 

@@ -17,13 +17,14 @@ import numpy.typing as npt
 from stream_knn.errors import CorruptIndexError, DimensionError, IndexError_
 from stream_knn.index.base import (
     METRICS,
+    KnownIds,
     Metric,
     Neighbours,
     as_matrix,
     as_query,
     check_ids,
     check_metric,
-    read_ids,
+    load_ids,
     write_ids,
 )
 
@@ -161,8 +162,8 @@ class ExactIndex:
     def __init__(self, dims: int, metric: Metric) -> None:
         self.dims = int(dims)
         self.metric: Metric = check_metric(metric, METRICS, self.backend)
-        self._ids: list[str] = []
-        self._positions: dict[str, int] = {}
+        self._ids: Sequence[str] = []
+        self._positions: Mapping[str, int] = {}
         self._matrix = np.empty((0, self.dims), dtype=np.float32)
         # Rows the metric scores against (unit rows for angular), computed once.
         self._scored = self._matrix
@@ -184,11 +185,19 @@ class ExactIndex:
         if self._built:
             raise IndexError_("an index is built once; make a new index to rebuild")
         matrix = as_matrix(vectors, self.dims)
-        self._set(check_ids(ids, len(matrix)), matrix)
+        self._set(KnownIds.of(check_ids(ids, len(matrix))), matrix)
 
-    def _set(self, ids: list[str], matrix: npt.NDArray[np.float32]) -> None:
-        self._ids = ids
-        self._positions = {item: pos for pos, item in enumerate(ids)}
+    @classmethod
+    def over(cls, known: KnownIds, matrix: npt.NDArray[np.float32], metric: Metric) -> ExactIndex:
+        """An exact index of ``matrix`` whose rows are ``known.ids``, trusted as they are
+        (the ids and positions of a version already served, shared, not copied)."""
+        index = cls(matrix.shape[1], metric)
+        index._set(known, np.asarray(matrix, dtype=np.float32))
+        return index
+
+    def _set(self, known: KnownIds, matrix: npt.NDArray[np.float32]) -> None:
+        self._ids = known.ids
+        self._positions = known.positions
         self._matrix = matrix
         self._scored = _unit_rows(matrix) if self.metric == "angular" else matrix
         self._sq_norms = np.einsum("ij,ij->i", matrix, matrix)
@@ -291,8 +300,9 @@ class ExactIndex:
             np.save(fh, self._matrix, allow_pickle=False)
         write_ids(directory, self._ids)
 
-    def load(self, directory: Path) -> None:
-        ids = read_ids(directory)
+    def load(self, directory: Path, known: KnownIds | None = None) -> None:
+        known = load_ids(directory, known)
+        ids = known.ids
         path = directory / _VECTORS_FILE
         try:
             matrix = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -309,4 +319,4 @@ class ExactIndex:
             raise DimensionError(
                 f"{path} holds vectors of {matrix.shape[1]} values, expected {self.dims}"
             )
-        self._set(ids, matrix)
+        self._set(known, matrix)

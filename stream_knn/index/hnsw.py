@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from stream_knn.errors import CorruptIndexError, IndexError_
 from stream_knn.index.base import (
+    KnownIds,
     Metric,
     Neighbours,
     as_matrix,
@@ -25,7 +26,7 @@ from stream_knn.index.base import (
     check_ids,
     check_metric,
     filtered_search,
-    read_ids,
+    load_ids,
     write_ids,
 )
 
@@ -88,8 +89,8 @@ class HnswIndex:
         self.build_threads = int(build_threads)
         self._graph: Any = None
         self._ef = self.ef_search
-        self._ids: list[str] = []
-        self._positions: dict[str, int] = {}
+        self._ids: Sequence[str] = []
+        self._positions: Mapping[str, int] = {}
         self._built = False
 
     @property
@@ -128,11 +129,11 @@ class HnswIndex:
             graph.add_items(matrix, np.arange(len(matrix)), num_threads=threads)
         graph.set_ef(self.ef_search)
         self._graph = graph
-        self._set_ids(item_ids)
+        self._set_ids(KnownIds.of(item_ids))
 
-    def _set_ids(self, ids: list[str]) -> None:
-        self._ids = ids
-        self._positions = {item: pos for pos, item in enumerate(ids)}
+    def _set_ids(self, known: KnownIds) -> None:
+        self._ids = known.ids
+        self._positions = known.positions
         self._ef = self.ef_search
         self._built = True
 
@@ -173,11 +174,12 @@ class HnswIndex:
             self._graph.save_index(str(directory / _INDEX_FILE))
         write_ids(directory, self._ids)
 
-    def load(self, directory: Path) -> None:
-        ids = read_ids(directory)
+    def load(self, directory: Path, known: KnownIds | None = None) -> None:
+        known = load_ids(directory, known)
+        ids = known.ids
         path = directory / _INDEX_FILE
         if not ids:
-            self._set_ids(ids)
+            self._set_ids(known)
             return
         if not path.is_file():
             raise CorruptIndexError(f"{path} is missing; the index version is incomplete")
@@ -192,4 +194,4 @@ class HnswIndex:
             )
         graph.set_ef(self.ef_search)
         self._graph = graph
-        self._set_ids(ids)
+        self._set_ids(known)

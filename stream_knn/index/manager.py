@@ -19,8 +19,7 @@ import logging
 import random
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from stream_knn.errors import CorruptIndexError, DimensionError, IndexError_, St
 from stream_knn.index.base import (
     HiddenIds,
     Index,
+    KnownIds,
     Neighbours,
     as_matrix,
     as_query,
@@ -41,12 +41,12 @@ from stream_knn.index.base import (
 from stream_knn.index.builder import BuildJob, BuildProcess, VersionWriteError, build_version
 from stream_knn.index.exact import (
     BLOCK_CELLS,
-    ExactIndex,
     exact_scores,
     neighbour_rows,
     top_k,
     top_k_rows,
 )
+from stream_knn.index.recall import RecallSampler
 from stream_knn.index.store import IndexStore, VersionInfo
 
 __all__ = ["IndexManager"]
@@ -69,7 +69,7 @@ class _Live:
 
     info: VersionInfo
     index: Index
-    positions: dict[str, int]
+    positions: Mapping[str, int]
     matrix: npt.NDArray[np.float32]
     #: Rows the live index must skip: items changed since its build (their current vector
     #: is in the delta) or deleted. Kept up to date by every change, so a batch search
@@ -84,8 +84,11 @@ class _Live:
         matrix: npt.NDArray[np.float32],
         changed: Collection[str],
         dead: Collection[str],
+        positions: Mapping[str, int] | None = None,
     ) -> _Live:
-        positions = {item_id: pos for pos, item_id in enumerate(index.ids)}
+        """``positions`` of the index's ids when the caller has them (else made here)."""
+        if positions is None:
+            positions = {item_id: pos for pos, item_id in enumerate(index.ids)}
         hidden = np.zeros(len(positions), dtype=np.bool_)
         rows = [positions[i] for part in (changed, dead) for i in part if i in positions]
         hidden[rows] = True
@@ -274,7 +277,7 @@ class IndexManager:
         self.store = IndexStore(Path(root), config.keep_versions)
         self._on_swap = on_swap
         #: Where builds run: None in the calling thread, else a child process.
-        self._builder = None if build_in_process else BuildProcess()
+        self._builder = None if build_in_process else BuildProcess(config.build_priority)
         # One lock guards every mutable field; searches hold it only for the delta part.
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
@@ -297,9 +300,8 @@ class IndexManager:
         self._requested = False
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._recall: deque[float] = deque(maxlen=_RECALL_WINDOW)
+        self._recall = RecallSampler(self.dims, self.metric, _RECALL_WINDOW)
         self._rng = random.Random()
-        self._oracle: tuple[_Live, ExactIndex] | None = None
         #: What the vectors' coordinates mean (an opaque embedding basis from the caller),
         #: saved with every version and read back on a warm start; None: not recorded.
         self.basis: bytes | None = None
@@ -453,11 +455,12 @@ class IndexManager:
             vec.setflags(write=False)
             fresh[item_id] = vec
         ids = list(fresh)
+        known = KnownIds.of(ids)
         matrix = self._stack(fresh, ids)
         with self._build_lock:
             self._last_build_started = time.monotonic()
             try:
-                index, info, seconds = self._make_version(ids, matrix, basis)
+                index, info, seconds = self._make_version(known, matrix, basis)
             except (StreamKnnError, OSError) as exc:
                 with self._lock:
                     self._build_errors += 1
@@ -472,7 +475,7 @@ class IndexManager:
                 self.basis = basis
                 self._vectors = fresh
                 self._changed = {}
-                self._live = _Live.of(info, index, matrix, (), self._tombstones)
+                self._live = _Live.of(info, index, matrix, (), self._tombstones, known.positions)
                 self._dirty = set()
                 self._delta = _Delta(self.dims, self.metric)
             logger.info(
@@ -527,13 +530,14 @@ class IndexManager:
             with self._lock:
                 if live is not self._live:  # swapped meanwhile: start over on the new one
                     continue
-                merged = found + self._delta.search(q, k, exclude)
+                extra = self._delta.search(q, k, exclude)
+                merged = found + extra
                 merged.sort(key=lambda pair: -pair[1])
                 result = merged[:k]
                 if self.config.recall_sample_rate > 0 and (
                     self._rng.random() < self.config.recall_sample_rate
                 ):
-                    self._sample_recall(q, k, exclude, result)
+                    self._sample_recall(live, q, k, exclude, extra, result)
                 return result
 
     def search_many(
@@ -588,7 +592,7 @@ class IndexManager:
                 if rate > 0:
                     for row, result in enumerate(results):
                         if self._rng.random() < rate:
-                            self._sample_recall(qs[row], k, excludes[row], result)
+                            self._sample_recall(live, qs[row], k, excludes[row], fresh[row], result)
                 return results
 
     def similar(self, item_id: str, k: int) -> Neighbours | None:
@@ -605,30 +609,31 @@ class IndexManager:
 
     def _sample_recall(
         self,
+        live: _Live | None,
         query: npt.NDArray[np.float32],
         k: int,
         exclude: Collection[str],
+        delta: Neighbours,
         result: Neighbours,
     ) -> None:
-        """Answer ``query`` exactly over the current vectors and record recall@k."""
-        live = self._live
-        exact: Neighbours = []
-        if live is not None and len(live.matrix):
-            if self._oracle is None or self._oracle[0] is not live:
-                oracle = ExactIndex(self.dims, self.metric)
-                oracle.build(list(live.positions), live.matrix)
-                self._oracle = (live, oracle)
-            hidden = set(exclude) | self._changed.keys() | self._tombstones
-            exact = self._oracle[1].search(query, k, hidden)
-        exact = sorted(exact + self._delta.search(query, k, exclude), key=lambda p: -p[1])[:k]
-        if exact:
-            truth = {i for i, _ in exact}
-            self._recall.append(len(truth & {i for i, _ in result}) / len(truth))
+        """Queue ``result`` to be scored against an exact search of the same vectors: the
+        live rows not hidden now, and ``delta``, the delta's (exact) part of the answer.
+        Caller holds the lock."""
+        if live is None:
+            self._recall.submit(None, None, None, query, k, exclude, delta, result)
+        else:
+            known = KnownIds(live.index.ids, live.positions)
+            self._recall.submit(known, live.matrix, live.hidden, query, k, exclude, delta, result)
 
-    def sampled_recall(self) -> float | None:
-        """Mean recall@k of the last sampled searches against exact search, or ``None``."""
-        samples = list(self._recall)
-        return sum(samples) / len(samples) if samples else None
+    def sampled_recall(self, settle_seconds: float = 0.0) -> float | None:
+        """Mean recall@k of the last sampled searches against exact search, or ``None``.
+
+        Samples are scored in a thread of their own; ``settle_seconds`` waits (at most
+        that long) for the ones still queued.
+        """
+        if settle_seconds > 0:
+            self._recall.settle(settle_seconds)
+        return self._recall.mean()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -666,6 +671,7 @@ class IndexManager:
             self._thread = None
         if self._builder is not None:
             self._builder.shutdown()
+        self._recall.close()
 
     def rebuild_now(self, wait: bool = True) -> VersionInfo | None:
         """Build a version from the current vectors now.
@@ -750,7 +756,7 @@ class IndexManager:
         return matrix
 
     def _make_version(
-        self, ids: list[str], matrix: npt.NDArray[np.float32], basis: bytes | None
+        self, known: KnownIds, matrix: npt.NDArray[np.float32], basis: bytes | None
     ) -> tuple[Index, VersionInfo, float]:
         """Build an index of ``ids`` and save it as the next version (errors propagate).
 
@@ -762,7 +768,7 @@ class IndexManager:
             store.keep_versions,
             self.config,
             self.dims,
-            ids,
+            list(known.ids),
             matrix,
             _basis_file(basis),
         )
@@ -773,21 +779,66 @@ class IndexManager:
         except VersionWriteError:
             store.write_errors += 1  # counted in the child's copy of the store
             raise
-        return store.load(info.version), info, seconds
+        # Written and checksummed by the child a moment ago, from the ids known here.
+        return store.load(info.version, known, verify=False), info, seconds
+
+    def _snapshot(self) -> Callable[[], tuple[KnownIds, npt.NDArray[np.float32]]]:
+        """What the next version is built from, as a function that stacks it off the lock;
+        caller holds the lock.
+
+        The live version's matrix plus the rows changed since it: a copy and a few thousand
+        rows, where stacking every item of a 100k catalog from the dict held the GIL for
+        tens of milliseconds a build. When the live version is not simply the current items
+        minus changes (deletes, a version adopted from disk), every vector is stacked.
+        """
+        vectors, live = self._vectors, self._live
+        if live is not None:
+            positions = live.positions
+            fresh = [i for i in self._changed if i not in positions]
+            # Every live item still current (none deleted or unknown) and nothing else new.
+            if len(positions) + len(fresh) == len(vectors):
+                moved = [i for i in self._changed if i in positions]
+                rows = np.fromiter((positions[i] for i in moved), np.intp, len(moved))
+                moved_vectors = [vectors[i] for i in moved]
+                fresh_vectors = [vectors[i] for i in fresh]
+                base = live.matrix
+
+                def grown() -> tuple[KnownIds, npt.NDArray[np.float32]]:
+                    n = len(base)
+                    matrix = np.empty((n + len(fresh), self.dims), dtype=np.float32)
+                    matrix[:n] = base
+                    if moved_vectors:
+                        matrix[rows] = np.stack(moved_vectors)
+                    if fresh_vectors:
+                        matrix[n:] = np.stack(fresh_vectors)
+                    ids = list(live.index.ids)
+                    ids.extend(fresh)
+                    placed = dict(positions)
+                    placed.update(zip(fresh, range(n, n + len(fresh)), strict=True))
+                    return KnownIds(ids, placed), matrix
+
+                return grown
+        snapshot = dict(vectors)
+
+        def stacked() -> tuple[KnownIds, npt.NDArray[np.float32]]:
+            ids = list(snapshot)
+            return KnownIds.of(ids), self._stack(snapshot, ids)
+
+        return stacked
 
     def _build(self, reason: str, raise_errors: bool = False) -> VersionInfo | None:
         with self._build_lock:
             with self._lock:
                 self._requested = False
                 snap_seq = self._seq
-                snapshot = dict(self._vectors)
+                snapshot = self._snapshot()
                 basis = self.basis
                 dirty, self._dirty = self._dirty, set()
                 self._last_build_started = time.monotonic()
-            ids = list(snapshot)
-            matrix = self._stack(snapshot, ids)
+            known, matrix = snapshot()
+            ids = known.ids
             try:
-                index, info, seconds = self._make_version(ids, matrix, basis)
+                index, info, seconds = self._make_version(known, matrix, basis)
             except (StreamKnnError, OSError) as exc:
                 with self._lock:
                     self._build_errors += 1
@@ -808,7 +859,7 @@ class IndexManager:
                 extra={"version": info.version},
             )
             if self.store.pinned() is None:
-                self._swap(info, index, matrix, snap_seq)
+                self._swap(info, index, matrix, known.positions, snap_seq)
             else:
                 logger.info(
                     "index version %d written but not served: version %s is pinned",
@@ -820,13 +871,18 @@ class IndexManager:
             return info
 
     def _swap(
-        self, info: VersionInfo, index: Index, matrix: npt.NDArray[np.float32], snap_seq: int
+        self,
+        info: VersionInfo,
+        index: Index,
+        matrix: npt.NDArray[np.float32],
+        positions: Mapping[str, int],
+        snap_seq: int,
     ) -> None:
         """Serve ``index``, built from the vectors as of change ``snap_seq``."""
         with self._lock:
             old = self._live
             self._changed = {i: s for i, s in self._changed.items() if s > snap_seq}
-            self._live = _Live.of(info, index, matrix, self._changed, self._tombstones)
+            self._live = _Live.of(info, index, matrix, self._changed, self._tombstones, positions)
             delta = _Delta(self.dims, self.metric)
             for item_id in self._changed:
                 delta.set(item_id, self._vectors[item_id])

@@ -8,6 +8,7 @@ over a saved index.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -110,6 +111,8 @@ class RecommendationService(Service):
         ) = None
         #: Set by :meth:`replace_all`: the next swap changes the basis of every vector.
         self._basis_changed = False
+        #: When the drift probe last ran (monotonic seconds).
+        self._probed_at = -math.inf
         #: Searches an Annoy index beside the calling thread in :meth:`recommend_many`;
         #: its threads start on first use and end on stop.
         self._search_threads = config.serving.search_threads
@@ -363,7 +366,11 @@ class RecommendationService(Service):
             new.build_seconds,
             extra={"version": new.version},
         )
-        self._measure_drift(new.version)
+        now = time.monotonic()
+        # A switch of basis is always probed: the next probe must not compare across it.
+        if self._basis_changed or now - self._probed_at >= self.config.drift.probe_interval_seconds:
+            self._probed_at = now
+            self._measure_drift(new.version)
 
     def _measure_drift(self, version: int) -> None:
         """Embedding and neighbour drift of the probe items against the previous version."""

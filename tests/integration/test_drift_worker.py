@@ -161,6 +161,8 @@ def test_drift_gauges_against_thresholds(worker_env: Any, run_worker: Any, shift
             "STREAM_KNN_DRIFT__NEIGHBOUR_DRIFT": str(_NEIGHBOUR_THRESHOLD),
             "STREAM_KNN_MODEL__HALF_LIFE_SECONDS": "1",
             "STREAM_KNN_REBUILD_INTERVAL": str(_REBUILD_SECONDS),
+            # Every version probed: the test reads drift at each swap.
+            "STREAM_KNN_DRIFT__PROBE_INTERVAL_SECONDS": "0",
         }
     )
     events = list(_stream(shift).events(2 * _WINDOW))
