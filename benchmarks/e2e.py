@@ -176,6 +176,10 @@ class Deployment:
                 "STREAM_KNN_WEB_PORT": str(self.web_port),
                 "STREAM_KNN_WORKER__PARTITIONS": "4",
                 "STREAM_KNN_LOG_LEVEL": "WARNING",
+                # Every list from the index: on the load's independent Zipf events plain
+                # popularity wins, and the self-tuning worker would switch to it mid-run,
+                # making lists far cheaper than the index path the figures are about.
+                "STREAM_KNN_SERVING__SELF_TUNING": "false",
             }
         )
         for role, topic in self.topics.items():

@@ -173,11 +173,16 @@ class UserProfile:
             ``13 + 16 * n`` bytes plus the JSON list of ids.
         """
         n = len(self.items)
-        ts = np.fromiter((t for _, t, _ in self.items), dtype="<i8", count=n)
-        weights = np.fromiter((w for _, _, w in self.items), dtype="<f8", count=n)
-        ids = orjson.dumps([i for i, _, _ in self.items])
         header = _HEADER.pack(_FORMAT_VERSION, self.version, n)
-        return header + ts.tobytes() + weights.tobytes() + ids
+        if not n:
+            return header + b"[]"
+        ids, ts, weights = zip(*self.items, strict=True)  # columns in one C pass
+        return (
+            header
+            + np.array(ts, dtype="<i8").tobytes()
+            + np.array(weights, dtype="<f8").tobytes()
+            + orjson.dumps(ids)
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> UserProfile:
@@ -202,13 +207,10 @@ class UserProfile:
             ids = orjson.loads(data[offset + 8 * n :])
         except (struct.error, ValueError) as exc:
             raise DimensionError(f"stored profile is corrupt or truncated: {exc}") from None
-        if not isinstance(ids, list) or len(ids) != n or not all(isinstance(i, str) for i in ids):
+        if not isinstance(ids, list) or len(ids) != n or not set(map(type, ids)) <= {str}:
             raise DimensionError("stored profile is corrupt: id list does not match its header")
-        items = tuple(
-            (item, int(t), float(w))
-            for item, t, w in zip(ids, ts.tolist(), weights.tolist(), strict=True)
-        )
-        return cls(items, int(version))
+        # tolist() gives Python ints and floats; zip pairs them in C.
+        return cls(tuple(zip(ids, ts.tolist(), weights.tolist(), strict=True)), int(version))
 
 
 def query_vectors(

@@ -128,11 +128,40 @@ def neighbour_rows(
     return out
 
 
+#: :func:`top_k_rows` splits a row into this many blocks per item asked for.
+_BLOCKS_PER_K = 8
+
+
 def top_k_rows(scores: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
-    """:func:`top_k` of every row of ``scores`` (2-d), ``1 <= k <= scores.shape[1]``."""
+    """:func:`top_k` of every row of ``scores`` (2-d), ``1 <= k <= scores.shape[1]``.
+
+    Long rows are cut into blocks first: the k-th largest block maximum is a lower bound
+    of the row's k-th score, so only the few scores at or above it are sorted (a batch of
+    lists over 5k items: 16 us a row with a partition of every row, about a third here).
+    """
+    b, n = scores.shape
+    blocks = _BLOCKS_PER_K * k
+    if k >= n or n < 4 * blocks:
+        return _top_k_rows_partition(scores, k)
+    starts = np.arange(0, n, -(-n // blocks))
+    block_max = np.maximum.reduceat(scores, starts, axis=1)
+    m = block_max.shape[1]
+    floor = np.partition(block_max, m - k, axis=1)[:, m - k]
+    # One flat pass (2-d nonzero costs ten times more here).
+    rows, cols = np.divmod(np.flatnonzero(scores >= floor[:, None]), n)
+    counts = np.bincount(rows, minlength=b)
+    if counts.min() < k:  # only NaN scores can leave a row short
+        return _top_k_rows_partition(scores, k)
+    # Best first, ties by position, row by row; then the first k of each row.
+    order = np.lexsort((cols, -scores[rows, cols], rows))
+    first = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    return np.asarray(cols[order][first[:, None] + np.arange(k)], dtype=np.intp)
+
+
+def _top_k_rows_partition(scores: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
     n = scores.shape[1]
     if k < n:
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        part = np.argpartition(scores, n - k, axis=1)[:, n - k :]
     else:
         part = np.broadcast_to(np.arange(n), scores.shape)
     order = np.lexsort((part, -np.take_along_axis(scores, part, axis=1)), axis=1)
@@ -283,10 +312,17 @@ class ExactIndex:
             scores = self._scores(qs[start : start + rows])
             if len(common):
                 scores[:, common] = -np.inf
+            # Every row's exclusions in one assignment (one per row cost more than the lookups).
+            at_rows: list[int] = []
+            at_cols: list[int] = []
             for row, exclude in enumerate(excludes[start : start + rows]):
-                hidden = [positions[i] for i in exclude if i in positions]
-                if hidden:
-                    scores[row, hidden] = -np.inf
+                for item in exclude:
+                    pos = positions.get(item)
+                    if pos is not None:
+                        at_rows.append(row)
+                        at_cols.append(pos)
+            if at_cols:
+                scores[at_rows, at_cols] = -np.inf
             best = top_k_rows(scores, kk)
             out.extend(neighbour_rows(self._ids, best, np.take_along_axis(scores, best, axis=1)))
         return out

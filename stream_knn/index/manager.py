@@ -705,13 +705,14 @@ class IndexManager:
         """Delta size that forces a build: ``max_delta_items``, or ``max_delta_share`` of
         the live items if fewer (never under 100); caller holds the lock.
 
-        An exact live index is not bounded by the share: its stale rows cost a masked
-        column each, not wasted tree nodes, and a version a second (a popular catalog's
-        quarter changes that fast) made every swap's work a pause of the event loop.
+        An exact live index is bounded too: every delta row is scored by every query on
+        top of the live rows (a quarter of 5k items changed costs a quarter more per
+        list), and a swap is cheap now (the snapshot grows the live matrix, the version
+        is loaded with the ids it was built from).
         """
         live = self._live
         limit = self.config.max_delta_items
-        if live is not None and live.info.backend != "exact":
+        if live is not None:
             share = int(self.config.max_delta_share * len(live.positions))
             limit = min(limit, max(_MIN_DELTA_LIMIT, share))
         return limit

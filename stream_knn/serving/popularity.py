@@ -32,6 +32,8 @@ class Popularity:
         # a cold-start answer per event must not sort the whole catalog.
         self._refresh = refresh_seconds
         self._ranked: list[tuple[str, float]] | None = None
+        #: The ranking with scores relative to the top item (what :meth:`top` returns).
+        self._scaled: list[tuple[str, float]] = []
         self._ranked_at = 0.0
         self._ranked_size = 0
         # With refresh_seconds = 0 (a replay, which must not depend on its own speed) the
@@ -79,15 +81,23 @@ class Popularity:
 
     def top(self, k: int, exclude: Collection[str] = ()) -> list[tuple[str, float]]:
         """The ``k`` most popular items not in ``exclude``, scores relative to the top item."""
-        ranked = self._ranking(k + len(exclude))
-        if not ranked:
-            return []
-        top = ranked[0][1] if ranked[0][1] > 0 else 1.0
-        return [(item, count / top) for item, count in ranked if item not in exclude][:k]
+        self._ranking(k + len(exclude))
+        scaled = self._scaled
+        if not exclude or k <= 0:
+            return scaled[: max(k, 0)]
+        # Stop at the k-th kept item: the ranking holds hundreds (one list per cold event).
+        out: list[tuple[str, float]] = []
+        for pair in scaled:
+            if pair[0] not in exclude:
+                out.append(pair)
+                if len(out) == k:
+                    break
+        return out
 
     def _ranking(self, want: int) -> list[tuple[str, float]]:
         """The most popular items, best first, at least ``want`` of them when there are."""
         if not self._counts:
+            self._scaled = []
             return []
         now = time.monotonic()
         ranked = self._ranked
@@ -105,6 +115,8 @@ class Popularity:
             ranked = heapq.nlargest(size, self._counts.items(), key=lambda kv: kv[1])
             self._ranked, self._ranked_at, self._ranked_size = ranked, now, size
             self._ranked_stale = False
+            top = ranked[0][1] if ranked[0][1] > 0 else 1.0
+            self._scaled = [(item, count / top) for item, count in ranked]
         return ranked
 
     def __len__(self) -> int:

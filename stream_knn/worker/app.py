@@ -514,15 +514,16 @@ class WorkerApp:
         )
         emitted_ms = int(time.time() * 1000)
         emitted_s = emitted_ms / 1000.0
-        send = self.output.send
-        topic = self.recommendations_topic
         sent: Counter[str] = Counter()
         remember = self._remember_list
+        records: list[tuple[bytes, bytes]] = []
         for (ev, _, _), rec, variant in zip(due, lists, variants, strict=True):
-            body = _list_record(ev, variant.k, variant.name, rec, emitted_ms)
-            send(topic, ev.user_id.encode(), body)
+            records.append(
+                (ev.user_id.encode(), _list_record(ev, variant.k, variant.name, rec, emitted_ms))
+            )
             remember(ev.user_id, rec.items)
             sent[variant.name] += 1
+        self.output.send_many(self.recommendations_topic, records)
         observe_many(
             self.metrics.end_to_end_latency,
             [max(0.0, emitted_s - produced_s) for _, _, produced_s in due],
