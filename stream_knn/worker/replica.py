@@ -152,6 +152,8 @@ class VectorReplica:
         self._last_refit: float | None = None
         self._gauge_due = 0.0
         self._consumer: Consumer | None = None
+        #: The reading consumer and its partitions while :meth:`run` runs (for :meth:`lag`).
+        self._reader: tuple[Consumer, list[tuple[str, int]]] | None = None
         # Checked once: a runtime protocol check costs tens of us, more than a record.
         self._upsert_many = service.upsert_many if isinstance(service, _BatchFeed) else None
 
@@ -186,6 +188,7 @@ class VectorReplica:
             partitions = await self._wait_for_partitions(probe)
             end = await loop.run_in_executor(None, _high_watermarks, probe, partitions)
             consumer.assign([KafkaPartition(t, p, OFFSET_BEGINNING) for t, p in partitions])
+            self._reader = (consumer, partitions)
             pending = {tp for tp, high in end.items() if high > 0}
             self.caught_up = not pending
             reader = threading.Thread(
@@ -218,6 +221,7 @@ class VectorReplica:
                     self.service.metrics.items.set(len(self.known_items()))
         finally:
             self._consumer = None
+            self._reader = None
             stop.set()
             if reader is not None:
                 await loop.run_in_executor(None, reader.join, 10.0)
@@ -253,6 +257,29 @@ class VectorReplica:
             logger.debug("log-end offsets not read: %s", exc)
             return {}
         return {TopicPartition(t, p): high for (t, p), high in ends.items()}
+
+    async def lag(self) -> int | None:
+        """Changelog records not yet read: log end minus the reader's position, summed over
+        the changelog partitions (None before the reader started or if the broker did not
+        answer). Records read but still waiting in the inbox count as read."""
+        reader, probe = self._reader, self._consumer
+        if reader is None or probe is None:
+            return None
+        consumer, partitions = reader
+        try:
+            ends = await asyncio.get_running_loop().run_in_executor(
+                None, _high_watermarks, probe, partitions
+            )
+        except KafkaException as exc:
+            logger.debug("replica lag not read: %s", exc)
+            return None
+        # The position is the reader's own (no request): the next offset it will return.
+        positions = consumer.position([KafkaPartition(t, p) for t, p in partitions])
+        lag = 0
+        for tp in positions:
+            end = ends.get((tp.topic, tp.partition), 0)
+            lag += max(0, end - max(tp.offset, 0))
+        return lag
 
     async def _wait_for_partitions(self, consumer: Consumer) -> list[tuple[str, int]]:
         # Faust creates the changelog topics when the app starts; wait until both exist.
