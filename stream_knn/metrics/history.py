@@ -31,10 +31,10 @@ Snapshot = dict[str, float]
 
 def series_key(name: str, labels: Mapping[str, str] | None = None) -> str:
     """The series as the exposition format writes it: ``name{a="x",b="y"}`` (labels in
-    the order given), or the bare name."""
+    name order, as prometheus-client writes them), or the bare name."""
     if not labels:
         return name
-    inner = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     return f"{name}{{{inner}}}"
 
 

@@ -81,9 +81,9 @@ _INBOX_BATCHES = 256
 _CHUNK_EVENTS = 500
 #: Replaced item states logged one by one before the log goes quiet about them.
 _REPLACED_STATES_LOGGED = 20
-#: The dashboard's ring of samples: one every this many seconds, this many kept (10 min).
+#: The dashboard's ring of samples: one every this many seconds, this many kept (5 min).
 HISTORY_INTERVAL_SECONDS = 2.0
-_HISTORY_SAMPLES = 300
+_HISTORY_SAMPLES = 150
 #: Disk sizes and the replica's lag are read this often (walks of the state directories).
 _RESOURCES_INTERVAL_SECONDS = 5.0
 
@@ -794,9 +794,8 @@ class WorkerApp:
             vectors += manager.item_count * manager.dims * 4
         m.index_memory_bytes.labels("mapped").set(mapped)
         m.index_memory_bytes.labels("vectors").set(vectors)
-        lag = await self.replica.lag()
-        if lag is not None:
-            m.replica_lag.set(lag)
+        if self.replica.lag is not None:
+            m.replica_lag.set(self.replica.lag)
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Whether the broker answered within ``worker.broker_timeout_seconds``, and the

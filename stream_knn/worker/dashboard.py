@@ -18,13 +18,13 @@ from html import escape
 from importlib import resources
 from typing import Any
 
-from stream_knn.metrics.history import MetricHistory
+from stream_knn.metrics.history import MetricHistory, series_key
 from stream_knn.worker.status import human_bytes, human_seconds
 
 __all__ = ["CHART_SPAN_SECONDS", "REFRESH_SECONDS", "render_page", "render_panels"]
 
 #: The charts show this many seconds up to now; the page refreshes its panels this often.
-CHART_SPAN_SECONDS = 600.0
+CHART_SPAN_SECONDS = 300.0
 REFRESH_SECONDS = 5
 #: What a figure without a value shows (an en dash).
 DASH = "\u2013"
@@ -75,15 +75,16 @@ def line_chart(
     unit: Callable[[float], str],
     *,
     threshold: tuple[str, float] | None = None,
+    span: float = CHART_SPAN_SECONDS,
     width: int = 560,
     height: int = 170,
 ) -> str:
     """An SVG line chart of ``series`` (label, points of (epoch s, value)) over the last
-    :data:`CHART_SPAN_SECONDS`; ``threshold`` (label, value) is drawn as a dashed line.
+    ``span`` seconds; ``threshold`` (label, value) is drawn as a dashed line.
     ``data-points`` counts the points drawn, so a reader can wait for a chart to fill."""
     left, right, top, bottom = 58, 8, 8, 22
     plot_w, plot_h = width - left - right, height - top - bottom
-    start = now - CHART_SPAN_SECONDS
+    start = now - span
     visible = [
         (label, [(t, v) for t, v in pts if t >= start and math.isfinite(v)])
         for label, pts in series
@@ -94,7 +95,7 @@ def line_chart(
     top_value = _nice_max(peak * 1.05)
 
     def x(t: float) -> float:
-        return left + (t - start) / CHART_SPAN_SECONDS * plot_w
+        return left + (t - start) / span * plot_w
 
     def y(v: float) -> float:
         return top + plot_h - min(v, top_value) / top_value * plot_h
@@ -112,9 +113,10 @@ def line_chart(
             f'<text x="{left - 4}" y="{gy + 4:.1f}" class="axis" text-anchor="end">'
             f"{escape(unit(v))}</text>"
         )
-    for minutes in range(0, int(CHART_SPAN_SECONDS // 60) + 1, 2):
-        gx = x(now - minutes * 60)
-        label = "now" if minutes == 0 else f"-{minutes}m"
+    step = next(s for s in (15, 30, 60, 120) if span / s <= 6)
+    for ago in range(0, int(span) + 1, step):
+        gx = x(now - ago)
+        label = "now" if ago == 0 else f"-{ago // 60}m" if ago % 60 == 0 else f"-{ago}s"
         parts.append(
             f'<text x="{gx:.1f}" y="{height - 6}" class="axis" text-anchor="middle">{label}</text>'
         )
@@ -142,7 +144,11 @@ def line_chart(
         f"<b>{escape(unit(pts[-1][1])) if pts else DASH}</b></span>"
         for (label, pts), colour in zip(visible, _COLOURS, strict=False)
     )
-    return "".join(parts) + f'<div class="legend">{legend}</div>'
+    return f'<div class="plot">{"".join(parts)}<div class="legend">{legend}</div></div>'
+
+
+def _tp(partition: dict[str, Any]) -> dict[str, str]:
+    return {"topic": partition["topic"], "partition": str(partition["partition"])}
 
 
 def _per_second(v: float) -> str:
@@ -173,13 +179,20 @@ def _stat(label: str, figure: str) -> str:
     )
 
 
+def chart_span(history: MetricHistory, now: float) -> float:
+    """Seconds the charts show: the ring's age, from one minute up to
+    :data:`CHART_SPAN_SECONDS` (a young worker's charts are not mostly empty)."""
+    oldest = history.samples[0].at if history.samples else now
+    return min(CHART_SPAN_SECONDS, max(60.0, now - oldest))
+
+
 def render_panels(status: dict[str, Any], history: MetricHistory) -> str:
     """The refreshing part of the page: every panel, as an HTML fragment."""
     now = float(status["worker"]["time"])
+    span = chart_span(history, now)
     h, r, rates, totals = status["health"], status["ready"], status["rates"], status["totals"]
     lat, res = status["latency"], status["resources"]
     out: list[str] = []
-
     badge_h = "ok" if h["ok"] else "bad"
     badge_r = "ok" if r["ready"] else "warn"
     out.append(
@@ -194,6 +207,7 @@ def render_panels(status: dict[str, Any], history: MetricHistory) -> str:
         + ", ".join(f'<a href="{escape(m)}/">{escape(m)}</a>' for m in status["members"])
         + "</span></div>"
     )
+    badges = out.pop()
 
     stats = "".join(
         [
@@ -222,6 +236,7 @@ def render_panels(status: dict[str, Any], history: MetricHistory) -> str:
         ],
         now,
         _per_second,
+        span=span,
     )
     out.append(_card("Throughput", f'<div class="stats">{stats}</div>{throughput}'))
 
@@ -235,6 +250,7 @@ def render_panels(status: dict[str, Any], history: MetricHistory) -> str:
         now,
         _ms,
         threshold=("p99 target 50 ms", lat["target_p99_seconds"]),
+        span=span,
     )
     out.append(
         _card(
@@ -249,12 +265,12 @@ def render_panels(status: dict[str, Any], history: MetricHistory) -> str:
             str(p["partition"]),
             _fig(
                 p["lag"],
-                series=f'stream_knn_consumer_lag{{topic="{p["topic"]}",partition="{p["partition"]}"}}',
+                series=series_key("stream_knn_consumer_lag", _tp(p)),
             ),
             _fig(
                 p["lag_seconds"],
                 human_seconds(p["lag_seconds"]),
-                series=f'stream_knn_consumer_lag_seconds{{topic="{p["topic"]}",partition="{p["partition"]}"}}',
+                series=series_key("stream_knn_consumer_lag_seconds", _tp(p)),
             ),
         ]
         for p in status["partitions"]
@@ -388,12 +404,14 @@ def render_panels(status: dict[str, Any], history: MetricHistory) -> str:
         [("CPU cores", history.rate_series("cpu_seconds"))],
         now,
         lambda v: f"{v:.2f}",
+        span=span,
     )
     rss_chart = line_chart(
         "memory",
         [("resident memory", history.value_series("rss_bytes"))],
         now,
         human_bytes,
+        span=span,
     )
     tables = "".join(
         _stat(f"table {t}", _fig(b, human_bytes(b), f'stream_knn_table_disk_bytes{{table="{t}"}}'))
@@ -464,7 +482,7 @@ def render_panels(status: dict[str, Any], history: MetricHistory) -> str:
     )
     stamp = time.strftime("%H:%M:%S", time.localtime(now))
     return (
-        f'<div class="grid" data-time="{now:.3f}">{"".join(out)}</div>'
+        f'{badges}<div class="grid" data-time="{now:.3f}">{"".join(out)}</div>'
         f'<p class="muted">as of {stamp}</p>'
     )
 

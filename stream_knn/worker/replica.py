@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 from aiokafka import TopicPartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message
 from confluent_kafka import TopicPartition as KafkaPartition
@@ -34,6 +35,8 @@ __all__ = ["Record", "VectorReplica"]
 
 #: Skipped changelog records logged one by one before the log goes quiet about them.
 _SKIPPED_LOGGED = 20
+#: How often the reader's librdkafka reports its statistics (the replica's lag).
+_STATS_INTERVAL_MS = 2000
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +155,9 @@ class VectorReplica:
         self._last_refit: float | None = None
         self._gauge_due = 0.0
         self._consumer: Consumer | None = None
-        #: The reading consumer and its partitions while :meth:`run` runs (for :meth:`lag`).
-        self._reader: tuple[Consumer, list[tuple[str, int]]] | None = None
+        #: Changelog records not yet read, from the reader's librdkafka statistics (log end
+        #: minus the next offset to hand over, per partition); None until the first ones.
+        self.lag: int | None = None
         # Checked once: a runtime protocol check costs tens of us, more than a record.
         self._upsert_many = service.upsert_many if isinstance(service, _BatchFeed) else None
 
@@ -174,7 +178,16 @@ class VectorReplica:
             "enable.auto.offset.store": False,
             "logger": logger,
         }
-        consumer = Consumer({**settings, "fetch.wait.max.ms": 20})
+        consumer = Consumer(
+            {
+                **settings,
+                "fetch.wait.max.ms": 20,
+                # The reader's lag comes from librdkafka's own figures, in its thread: a call
+                # on the handle from the loop would wait for the reader's consume().
+                "statistics.interval.ms": _STATS_INTERVAL_MS,
+                "stats_cb": self._on_stats,
+            }
+        )
         # A second handle answers pings and log-end offsets: librdkafka holds metadata
         # requests on a handle while another thread waits in its consume().
         probe = Consumer(settings)
@@ -188,7 +201,6 @@ class VectorReplica:
             partitions = await self._wait_for_partitions(probe)
             end = await loop.run_in_executor(None, _high_watermarks, probe, partitions)
             consumer.assign([KafkaPartition(t, p, OFFSET_BEGINNING) for t, p in partitions])
-            self._reader = (consumer, partitions)
             pending = {tp for tp, high in end.items() if high > 0}
             self.caught_up = not pending
             reader = threading.Thread(
@@ -221,7 +233,6 @@ class VectorReplica:
                     self.service.metrics.items.set(len(self.known_items()))
         finally:
             self._consumer = None
-            self._reader = None
             stop.set()
             if reader is not None:
                 await loop.run_in_executor(None, reader.join, 10.0)
@@ -258,28 +269,22 @@ class VectorReplica:
             return {}
         return {TopicPartition(t, p): high for (t, p), high in ends.items()}
 
-    async def lag(self) -> int | None:
-        """Changelog records not yet read: log end minus the reader's position, summed over
-        the changelog partitions (None before the reader started or if the broker did not
-        answer). Records read but still waiting in the inbox count as read."""
-        reader, probe = self._reader, self._consumer
-        if reader is None or probe is None:
-            return None
-        consumer, partitions = reader
+    def _on_stats(self, raw: str) -> None:
+        """librdkafka's statistics of the reader (its thread): keep the summed lag."""
         try:
-            ends = await asyncio.get_running_loop().run_in_executor(
-                None, _high_watermarks, probe, partitions
-            )
-        except KafkaException as exc:
-            logger.debug("replica lag not read: %s", exc)
-            return None
-        # The position is the reader's own (no request): the next offset it will return.
-        positions = consumer.position([KafkaPartition(t, p) for t, p in partitions])
-        lag = 0
-        for tp in positions:
-            end = ends.get((tp.topic, tp.partition), 0)
-            lag += max(0, end - max(tp.offset, 0))
-        return lag
+            stats = orjson.loads(raw)
+            lag = 0
+            for topic in stats.get("topics", {}).values():
+                for number, part in topic.get("partitions", {}).items():
+                    if number == "-1":  # librdkafka's internal unassigned partition
+                        continue
+                    high, next_offset = int(part["hi_offset"]), int(part["app_offset"])
+                    if high >= 0:
+                        lag += max(0, high - max(next_offset, 0))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            logger.debug("replica statistics not read: %s", exc)
+            return
+        self.lag = lag
 
     async def _wait_for_partitions(self, consumer: Consumer) -> list[tuple[str, int]]:
         # Faust creates the changelog topics when the app starts; wait until both exist.

@@ -291,13 +291,17 @@ def _one(status: dict[str, Any]) -> list[str]:
         f"  e2e latency (last {lat['window_seconds']:.0f} s)  p50 {human_seconds(lat['p50'])}  "
         f"p95 {human_seconds(lat['p95'])}  p99 {human_seconds(lat['p99'])}",
     ]
-    lines.append(f"  {'TOPIC':<32} {'PARTITION':>9} {'LAG':>10} {'LAG-SECONDS':>12}")
+    topics: dict[str, list[dict[str, Any]]] = {}
     for p in status["partitions"]:
-        lines.append(
-            f"  {p['topic']:<32} {p['partition']:>9} {_num(p['lag']):>10} "
-            f"{_num(p['lag_seconds'], '{:.1f}'):>12}"
-        )
-    if not status["partitions"]:
+        topics.setdefault(p["topic"], []).append(p)
+    lines.append(f"  {'TOPIC':<28} {'PARTITIONS':<14} {'LAG':>8} {'BEHIND':>9}  LAG PER PARTITION")
+    for topic, parts in topics.items():
+        numbers = ",".join(str(p["partition"]) for p in parts)
+        lag = sum(p["lag"] or 0 for p in parts)
+        behind = max((p["lag_seconds"] or 0.0 for p in parts), default=0.0)
+        each = " ".join(f"{p['partition']}:{_num(p['lag'])}" for p in parts)
+        lines.append(f"  {topic:<28} {numbers:<14} {lag:>8,.0f} {human_seconds(behind):>9}  {each}")
+    if not topics:
         lines.append("  (no input partitions assigned)")
     for ix in status["indexes"]:
         recall = ix["sampled_recall"]
