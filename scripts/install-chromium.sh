@@ -35,4 +35,4 @@ echo "install-chromium: apt-get install chromium fonts-dejavu-core"
     || fail "apt-get install chromium failed; see the apt output above"
 
 command -v chromium >/dev/null 2>&1 || fail "the chromium package installed but chromium is not on PATH"
-echo "install-chromium: installed $(chromium --version 2>&1 | head -n 1)"
+echo "install-chromium: installed $(chromium --version 2>/dev/null | head -n 1)"

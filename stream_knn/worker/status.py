@@ -263,6 +263,8 @@ def human_seconds(value: float | None) -> str:
     """``0.0123`` -> ``12.3 ms``, ``75`` -> ``1m15s``."""
     if value is None or not math.isfinite(value):
         return "-"
+    if value == 0:
+        return "0 s"
     if value < 1:
         return f"{value * 1000:.1f} ms"
     if value < 60:
