@@ -19,9 +19,11 @@ install: $(STAMP)
 demo: install
 	bash scripts/demo.sh
 
-## The whole suite: unit tests, then integration tests against a real broker and Prometheus.
+## The whole suite: unit tests, then integration tests against a real broker, a real
+## Prometheus and headless Chromium (the dashboard page).
 test: install
 	bash scripts/install-prometheus.sh
+	bash scripts/install-chromium.sh
 	$(BIN)/python -m pytest -q tests
 
 test-unit: install

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from typing import Any
 
 import orjson
 
-__all__ = ["JsonFormatter", "setup_logging"]
+__all__ = ["JsonFormatter", "RecentProblems", "setup_logging"]
 
 _ROOT = "stream_knn"
 #: Attributes a caller may pass in ``extra=`` that JSON lines carry as fields.
@@ -33,6 +34,41 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(data, default=str).decode()
+
+
+class RecentProblems(logging.Handler):
+    """Keeps the last ``size`` warnings and errors of our logger tree in memory, for the
+    dashboard page and ``stream-knn status`` ("last errors").
+
+    Attach with :meth:`attach`; the records are kept as plain dicts (time, level, logger,
+    message), never the record objects with their arguments.
+    """
+
+    def __init__(self, size: int = 20) -> None:
+        super().__init__(logging.WARNING)
+        self.records: deque[dict[str, Any]] = deque(maxlen=size)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError) as exc:  # a bad format string must not raise here
+            message = f"{record.msg!r} (unformattable: {exc})"
+        self.records.append(
+            {
+                "ts": record.created,
+                "level": record.levelname,
+                "logger": record.name,
+                "message": message,
+            }
+        )
+
+    def attach(self) -> RecentProblems:
+        """Add this handler to the ``stream_knn`` logger (our own tree only)."""
+        logging.getLogger(_ROOT).addHandler(self)
+        return self
+
+    def detach(self) -> None:
+        logging.getLogger(_ROOT).removeHandler(self)
 
 
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:

@@ -123,15 +123,25 @@ def _no_broker(reason: str) -> NoReturn:
     unavailable(f"no Kafka broker for integration tests: {reason}")
 
 
+#: The project script that installs each tool tests need (``make test`` runs them all).
+_INSTALLERS = {
+    "prometheus": "scripts/install-prometheus.sh",
+    "promtool": "scripts/install-prometheus.sh",
+    "chromium": "scripts/install-chromium.sh",
+}
+
+
 @pytest.fixture(scope="session")
 def require_tool() -> Callable[[str], str]:
     """``require_tool(name)``: the path of a command-line tool the test needs (Prometheus'
-    tools come from ``scripts/install-prometheus.sh``, which ``make test`` runs)."""
+    tools come from ``scripts/install-prometheus.sh``, Chromium from
+    ``scripts/install-chromium.sh``; ``make test`` runs both)."""
 
     def find(tool: str) -> str:
         path = shutil.which(tool)
         if path is None:
-            unavailable(f"{tool} not found on PATH: run scripts/install-prometheus.sh")
+            script = _INSTALLERS.get(tool, "your system's package manager")
+            unavailable(f"{tool} not found on PATH: run {script}")
         return path
 
     return find

@@ -1,7 +1,9 @@
 """The Prometheus metrics of a stream-knn worker, created on a registry passed in.
 
 Names carry the ``stream_knn_`` prefix and their unit; every label has a bounded set of
-values (event types, DLQ reasons, variant names, triggers, partitions of our topics).
+values (event types, DLQ reasons, variant names, triggers, partitions of our topics, the
+tables, the kept index versions). The process's own figures (CPU, memory, file descriptors,
+garbage collection) come from prometheus-client's standard collectors, on the same registry.
 """
 
 from __future__ import annotations
@@ -9,7 +11,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 __all__ = ["BUILD_BUCKETS", "LATENCY_BUCKETS", "Metrics", "observe_many"]
 
@@ -191,3 +201,39 @@ class Metrics:
         self.items = Gauge(
             "stream_knn_items", "Item vectors known to this worker.", registry=registry
         )
+        self.consumer_lag_seconds = Gauge(
+            "stream_knn_consumer_lag_seconds",
+            "Age of the last record consumed from each input partition that has a lag "
+            "(0 when caught up).",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.replica_lag = Gauge(
+            "stream_knn_replica_lag",
+            "Item-vector changelog records not yet read by this worker's replica.",
+            registry=registry,
+        )
+        self.table_disk_bytes = Gauge(
+            "stream_knn_table_disk_bytes",
+            "Bytes on disk of each RocksDB table (all its partitions on this worker).",
+            ["table"],
+            registry=registry,
+        )
+        self.index_disk_bytes = Gauge(
+            "stream_knn_index_disk_bytes",
+            "Bytes on disk of each saved index version (index: the setting's directory).",
+            ["index", "version"],
+            registry=registry,
+        )
+        self.index_memory_bytes = Gauge(
+            "stream_knn_index_memory_bytes",
+            "Memory of the index managers: mapped (the live versions' memory-mapped "
+            "files), vectors (the item vectors they hold in RAM).",
+            ["kind"],
+            registry=registry,
+        )
+        # The process itself: process_* (CPU, resident memory, open file descriptors),
+        # python_info and python_gc_* (collections, collected and uncollectable objects).
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
@@ -55,7 +56,10 @@ from stream_knn.events.schema import (
     parse_request,
     parse_user_event,
 )
+from stream_knn.logs import RecentProblems
+from stream_knn.metrics.history import MetricHistory, read_registry
 from stream_knn.metrics.registry import Metrics, observe_many
+from stream_knn.metrics.resources import index_version_sizes, table_sizes
 from stream_knn.serving.coalesce import EmitGate
 from stream_knn.serving.recommender import ListRequest, Recommendation
 from stream_knn.serving.service import RecommendationService
@@ -65,7 +69,7 @@ from stream_knn.worker.replica import VectorReplica
 from stream_knn.worker.tables import BatchTable
 from stream_knn.worker.web import register_pages
 
-__all__ = ["WorkerApp", "create_app"]
+__all__ = ["HISTORY_INTERVAL_SECONDS", "WorkerApp", "create_app", "history_sample"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +81,11 @@ _INBOX_BATCHES = 256
 _CHUNK_EVENTS = 500
 #: Replaced item states logged one by one before the log goes quiet about them.
 _REPLACED_STATES_LOGGED = 20
+#: The dashboard's ring of samples: one every this many seconds, this many kept (5 min).
+HISTORY_INTERVAL_SECONDS = 2.0
+_HISTORY_SAMPLES = 150
+#: Disk sizes and the replica's lag are read this often (walks of the state directories).
+_RESOURCES_INTERVAL_SECONDS = 5.0
 
 
 @lru_cache(maxsize=200_000)
@@ -245,6 +254,14 @@ class WorkerApp:
         self.catalog_features = CatalogFeatures(
             config.model.dims, config.model.pca, config.model.pca_warmup_items, config.model.seed
         )
+        #: The last warnings and errors logged (dashboard, ``stream-knn status``).
+        self.problems = RecentProblems().attach()
+        #: Rates and latency percentiles of the last minutes, for the dashboard page.
+        self.history = MetricHistory(
+            self.metrics.end_to_end_latency._upper_bounds, _HISTORY_SAMPLES
+        )
+        #: Broker timestamp (s) of the last record consumed from each input partition.
+        self.last_consumed: dict[tuple[str, int], float] = {}
 
         app = _App(
             w.app_id,
@@ -308,6 +325,8 @@ class WorkerApp:
         app.agent(self.requests, name="requests")(self._on_requests)
         app.task(self._run_replica)
         app.timer(1.0)(self._refresh_gauges)
+        app.timer(HISTORY_INTERVAL_SECONDS)(self._sample_history)
+        app.timer(_RESOURCES_INTERVAL_SECONDS)(self._refresh_resources)
         # Check the broker a few times per timeout so /health never flaps between checks.
         app.timer(min(2.0, w.broker_timeout_seconds / 3))(self._check_broker)
         if config.serving.emit_interval_seconds > 0:
@@ -393,6 +412,12 @@ class WorkerApp:
 
     async def _user_batch(self, messages: list[BatchMessage]) -> None:
         metrics = self.metrics
+        last_consumed = self.last_consumed
+        for message in messages:
+            if message.records:
+                last_consumed[(message.topic, message.partition)] = (
+                    message.records[-1].timestamp / 1000.0
+                )
         valid, bad = self._parse_user_records(messages)
         if bad:
             metrics.events.labels("invalid", "dlq").inc(len(bad))
@@ -609,6 +634,7 @@ class WorkerApp:
         dims = self.config.model.dims
         async for event in stream.events():
             message = event.message
+            self.last_consumed[(message.topic, message.partition)] = message.timestamp
             parsed = parse_catalog_record(
                 event.value,
                 config=self.config.events,
@@ -647,6 +673,7 @@ class WorkerApp:
     async def _on_requests(self, stream: Any) -> None:
         async for event in stream.events():
             message = event.message
+            self.last_consumed[(message.topic, message.partition)] = message.timestamp
             parsed = parse_request(
                 event.value,
                 config=self.config.events,
@@ -726,13 +753,62 @@ class WorkerApp:
         ends = await self.replica.end_offsets(
             [TopicPartition(tp.topic, tp.partition) for tp in assigned]
         )
+        now = time.time()
         for tp in assigned:
             position = await consumer.position(tp)
             end = ends.get(TopicPartition(tp.topic, tp.partition))
             if position is not None and end is not None:
-                self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
-                    max(0, end - position)
-                )
+                lag = max(0, end - position)
+                labels = (tp.topic, str(tp.partition))
+                self.metrics.consumer_lag.labels(*labels).set(lag)
+                # How far behind in time: the age of the last record taken from the
+                # partition while records wait behind it (its broker timestamp).
+                consumed = self.last_consumed.get((tp.topic, tp.partition))
+                behind = 0.0 if lag == 0 or consumed is None else max(0.0, now - consumed)
+                self.metrics.consumer_lag_seconds.labels(*labels).set(behind)
+
+    async def _sample_history(self) -> None:
+        """Add a sample to the dashboard's ring: input, lists, dead letters, CPU, and the
+        end-to-end latency histogram."""
+        self.history.record(time.time(), *history_sample(read_registry(self.registry)))
+
+    async def _refresh_resources(self) -> None:
+        """Bytes on disk per table and per index version, index memory, replica lag."""
+        m = self.metrics
+        tables = [t.name for t in (self.profiles, self.items, self.contents)]
+        roots = [manager.store.root for manager in self.service.managers.values()]
+        tabledir = Path(self.app.conf.tabledir)
+        loop = asyncio.get_running_loop()
+        sizes = await loop.run_in_executor(None, table_sizes, tabledir, tables)
+        versions = await loop.run_in_executor(None, index_version_sizes, roots)
+        for table, size in sizes.items():
+            m.table_disk_bytes.labels(table).set(size)
+        m.index_disk_bytes.clear()  # pruned versions leave the exposition
+        for v in versions:
+            m.index_disk_bytes.labels(v.index, str(v.version)).set(v.bytes)
+        mapped = 0
+        vectors = 0
+        live = {(v.index, v.version): v.bytes for v in versions}
+        for manager in self.service.managers.values():
+            if manager.version is not None:
+                mapped += live.get((manager.store.root.name, manager.version), 0)
+            vectors += manager.item_count * manager.dims * 4
+        m.index_memory_bytes.labels("mapped").set(mapped)
+        m.index_memory_bytes.labels("vectors").set(vectors)
+        if self.replica.lag is not None:
+            m.replica_lag.set(self.replica.lag)
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Whether the broker answered within ``worker.broker_timeout_seconds``, and the
+        body of ``/health``."""
+        silent = time.time() - self.broker_ok_at
+        ok = silent <= self.config.worker.broker_timeout_seconds
+        return ok, {
+            "status": "ok" if ok else "failing",
+            # Rounded up to the ms, so a failing status never shows a value at the limit.
+            "broker_unreachable_seconds": math.ceil(silent * 1000.0) / 1000.0,
+            "broker_timeout_seconds": self.config.worker.broker_timeout_seconds,
+        }
 
     # -- status ----------------------------------------------------------------------------
 
@@ -743,6 +819,27 @@ class WorkerApp:
         if not self.replica.caught_up:
             return False, "item vectors not yet replicated"
         return True, "serving" if self.service.has_index else "serving popularity fallback"
+
+
+def history_sample(snapshot: dict[str, float]) -> tuple[dict[str, float], list[float]]:
+    """The totals and end-to-end latency bucket counts the dashboard's ring keeps, from a
+    registry snapshot (:func:`~stream_knn.metrics.history.read_registry`)."""
+    totals = {"events": 0.0, "lists": 0.0, "dlq": 0.0, "cpu_seconds": 0.0, "rss_bytes": 0.0}
+    prefixes = (
+        ("stream_knn_events_total", "events"),
+        ("stream_knn_recommendations_total", "lists"),
+        ("stream_knn_dlq_total", "dlq"),
+        ("process_cpu_seconds_total", "cpu_seconds"),
+        ("process_resident_memory_bytes", "rss_bytes"),
+    )
+    buckets: list[float] = []
+    for series, value in snapshot.items():
+        for prefix, name in prefixes:
+            if series == prefix or series.startswith(prefix + "{"):
+                totals[name] += value
+        if series.startswith("stream_knn_end_to_end_latency_seconds_bucket{"):
+            buckets.append(value)  # the exposition lists buckets in bound order
+    return totals, buckets
 
 
 def create_app(config: Config, registry: CollectorRegistry | None = None) -> WorkerApp:

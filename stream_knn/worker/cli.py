@@ -1,4 +1,5 @@
-"""``stream-knn worker``: run a Faust worker process."""
+"""``stream-knn worker``: run a Faust worker process; ``stream-knn status``: what running
+workers are doing."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import dataclasses
 import gc
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,25 @@ def register(sub: Any) -> None:
     parser.add_argument("--data-dir", type=Path, help="state directory (overrides worker.data_dir)")
     parser.set_defaults(func=_run)
 
+    status = sub.add_parser(
+        "status",
+        help="one-screen summary of running workers: partitions, lag, rates, index, drift, "
+        "last errors",
+    )
+    status.add_argument(
+        "--url",
+        action="append",
+        metavar="URL",
+        help="a worker's web address (repeatable; default http://WEB_HOST:WEB_PORT from the "
+        "configuration); the other members of its group are found through it",
+    )
+    status.add_argument(
+        "--no-members", action="store_true", help="ask only the given workers, not their group"
+    )
+    status.add_argument("--json", action="store_true", help="print the /status documents")
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds per worker (5)")
+    status.set_defaults(func=_status)
+
 
 #: BLAS threads of the worker process. Its matrix products are small and many (one per
 #: batch); BLAS threads spinning beside the event loop and the index build process made
@@ -31,6 +52,24 @@ _BLAS_THREADS = 1
 #: of lists allocates tens of thousands of small tuples that live until the batch is
 #: sent; at 700 the collector ran every few events and rescanned them each time.
 _GC_GEN0_THRESHOLD = 20_000
+
+
+def _status(args: argparse.Namespace, config: Config) -> int:
+    import orjson
+
+    from stream_knn.worker.status import fetch_statuses, format_status
+
+    urls = args.url or [f"http://{config.worker.web_host}:{config.worker.web_port}"]
+    answers, failed = fetch_statuses(urls, not args.no_members, args.timeout)
+    if args.json:
+        print(orjson.dumps(answers, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(format_status(answers, failed), end="")
+    if failed:
+        for url, error in failed:
+            print(f"stream-knn status: {url}: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:

@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 from aiokafka import TopicPartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message
 from confluent_kafka import TopicPartition as KafkaPartition
@@ -34,6 +35,8 @@ __all__ = ["Record", "VectorReplica"]
 
 #: Skipped changelog records logged one by one before the log goes quiet about them.
 _SKIPPED_LOGGED = 20
+#: How often the reader's librdkafka reports its statistics (the replica's lag).
+_STATS_INTERVAL_MS = 2000
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +155,9 @@ class VectorReplica:
         self._last_refit: float | None = None
         self._gauge_due = 0.0
         self._consumer: Consumer | None = None
+        #: Changelog records not yet read, from the reader's librdkafka statistics (log end
+        #: minus the next offset to hand over, per partition); None until the first ones.
+        self.lag: int | None = None
         # Checked once: a runtime protocol check costs tens of us, more than a record.
         self._upsert_many = service.upsert_many if isinstance(service, _BatchFeed) else None
 
@@ -172,7 +178,16 @@ class VectorReplica:
             "enable.auto.offset.store": False,
             "logger": logger,
         }
-        consumer = Consumer({**settings, "fetch.wait.max.ms": 20})
+        consumer = Consumer(
+            {
+                **settings,
+                "fetch.wait.max.ms": 20,
+                # The reader's lag comes from librdkafka's own figures, in its thread: a call
+                # on the handle from the loop would wait for the reader's consume().
+                "statistics.interval.ms": _STATS_INTERVAL_MS,
+                "stats_cb": self._on_stats,
+            }
+        )
         # A second handle answers pings and log-end offsets: librdkafka holds metadata
         # requests on a handle while another thread waits in its consume().
         probe = Consumer(settings)
@@ -253,6 +268,23 @@ class VectorReplica:
             logger.debug("log-end offsets not read: %s", exc)
             return {}
         return {TopicPartition(t, p): high for (t, p), high in ends.items()}
+
+    def _on_stats(self, raw: str) -> None:
+        """librdkafka's statistics of the reader (its thread): keep the summed lag."""
+        try:
+            stats = orjson.loads(raw)
+            lag = 0
+            for topic in stats.get("topics", {}).values():
+                for number, part in topic.get("partitions", {}).items():
+                    if number == "-1":  # librdkafka's internal unassigned partition
+                        continue
+                    high, next_offset = int(part["hi_offset"]), int(part["app_offset"])
+                    if high >= 0:
+                        lag += max(0, high - max(next_offset, 0))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            logger.debug("replica statistics not read: %s", exc)
+            return
+        self.lag = lag
 
     async def _wait_for_partitions(self, consumer: Consumer) -> list[tuple[str, int]]:
         # Faust creates the changelog topics when the app starts; wait until both exist.

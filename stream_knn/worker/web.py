@@ -1,17 +1,34 @@
-"""HTTP pages on the worker's web port: metrics, health, readiness, on-demand answers."""
+"""HTTP pages on the worker's web port: the dashboard, status, metrics, health,
+readiness, on-demand answers.
+
+Every page is registered through :func:`register_pages`'s ``page`` helper, which asks
+:func:`authorized` first: the one place where an HTTP token check goes.
+"""
 
 from __future__ import annotations
 
-import math
+import functools
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from stream_knn.worker.dashboard import render_page, render_panels
+from stream_knn.worker.status import collect_status
+
 if TYPE_CHECKING:
     from stream_knn.worker.app import WorkerApp
 
-__all__ = ["parse_k", "register_pages"]
+__all__ = ["authorized", "parse_k", "register_pages"]
+
+_Handler = Callable[..., Awaitable[Any]]
+
+
+def authorized(request: Any) -> bool:
+    """Whether ``request`` may see a page. Every page asks here; there is no HTTP token
+    setting yet, so every request may."""
+    return True
 
 
 def parse_k(raw: str | None, max_k: int) -> int | None:
@@ -33,31 +50,51 @@ def register_pages(worker: WorkerApp) -> None:
     app = worker.app
     cfg = worker.config
 
-    @app.page("/metrics")
+    def page(path: str) -> Callable[[_Handler], Any]:
+        """``app.page(path)`` behind :func:`authorized`."""
+
+        def register(handler: _Handler) -> Any:
+            @functools.wraps(handler)
+            async def guarded(web: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+                if not authorized(request):
+                    return web.json({"error": "unauthorized"}, status=401)
+                return await handler(web, request, *args, **kwargs)
+
+            return app.page(path)(guarded)
+
+        return register
+
+    @page("/")
+    async def dashboard(web: Any, request: Any) -> Any:
+        html = render_page(collect_status(worker), worker.history, cfg.serving.max_k)
+        return web.html(html)
+
+    @page("/dashboard/panels")
+    async def dashboard_panels(web: Any, request: Any) -> Any:
+        return web.html(render_panels(collect_status(worker), worker.history))
+
+    @page("/status")
+    async def status(web: Any, request: Any) -> Any:
+        return web.json(collect_status(worker))
+
+    @page("/metrics")
     async def metrics(web: Any, request: Any) -> Any:
         worker.service.refresh_gauges()
         body = generate_latest(worker.registry)
         response = web.bytes(body, content_type=CONTENT_TYPE_LATEST.split(";")[0])
         return response
 
-    @app.page("/health")
+    @page("/health")
     async def health(web: Any, request: Any) -> Any:
-        silent = time.time() - worker.broker_ok_at
-        ok = silent <= cfg.worker.broker_timeout_seconds
-        body = {
-            "status": "ok" if ok else "failing",
-            # Rounded up to the ms, so a failing status never shows a value at the limit.
-            "broker_unreachable_seconds": math.ceil(silent * 1000.0) / 1000.0,
-            "broker_timeout_seconds": cfg.worker.broker_timeout_seconds,
-        }
+        ok, body = worker.health()
         return web.json(body, status=200 if ok else 503)
 
-    @app.page("/ready")
+    @page("/ready")
     async def ready(web: Any, request: Any) -> Any:
         ok, reason = worker.is_ready()
         return web.json({"ready": ok, "reason": reason}, status=200 if ok else 503)
 
-    @app.page("/recommendations/{user_id}")
+    @page("/recommendations/{user_id}")
     @app.table_route(table=worker.profiles, match_info="user_id")
     async def recommendations(web: Any, request: Any, user_id: str) -> Any:
         try:
@@ -67,7 +104,7 @@ def register_pages(worker: WorkerApp) -> None:
         body = worker.answer(user_id, None, k, int(time.time() * 1000), trigger="http")
         return web.json(body)
 
-    @app.page("/similar/{item_id}")
+    @page("/similar/{item_id}")
     async def similar(web: Any, request: Any, item_id: str) -> Any:
         try:
             k = parse_k(request.query.get("k"), cfg.serving.max_k)
@@ -78,7 +115,7 @@ def register_pages(worker: WorkerApp) -> None:
             return web.json({"error": f"unknown item {item_id!r}", "item_id": item_id}, status=404)
         return web.json(body)
 
-    @app.page("/index")
+    @page("/index")
     async def index(web: Any, request: Any) -> Any:
         managers = []
         for key, manager in worker.service.managers.items():

@@ -156,6 +156,11 @@ class Feeder(threading.Thread):
         super().__init__(name="feeder", daemon=True)
         self.bootstrap, self.topic, self.records, self.rate = bootstrap, topic, records, rate
         self.errors: list[Any] = []
+        self.stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Stop producing after the current chunk (what was sent is flushed)."""
+        self.stopping.set()
 
     def run(self) -> None:
         producer = Producer(
@@ -163,6 +168,8 @@ class Feeder(threading.Thread):
         )
         chunk = max(1, self.rate // 10)
         for start in range(0, len(self.records), chunk):
+            if self.stopping.is_set():
+                break
             for key, value in self.records[start : start + chunk]:
                 producer.produce(
                     self.topic,
