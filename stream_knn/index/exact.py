@@ -28,7 +28,7 @@ from stream_knn.index.base import (
     write_ids,
 )
 
-__all__ = ["BLOCK_CELLS", "ExactIndex", "exact_scores", "top_k", "top_k_rows"]
+__all__ = ["BLOCK_CELLS", "ExactIndex", "exact_scores", "exclusion_cells", "top_k", "top_k_rows"]
 
 _VECTORS_FILE = "vectors.npy"
 #: Queries scored per matrix product in ``search_batch``; bounds the score block's memory.
@@ -126,6 +126,22 @@ def neighbour_rows(
         for i in np.flatnonzero(picked[:, -1] == -np.inf).tolist():
             out[i] = [pair for pair in out[i] if pair[1] != -np.inf]
     return out
+
+
+def exclusion_cells(
+    positions: Mapping[str, int], excludes: Sequence[Collection[str]]
+) -> tuple[list[int], list[int]]:
+    """The ``(row, column)`` cells of every row's excluded items that ``positions`` holds,
+    for one assignment over a block of scores (one per row cost more than the lookups)."""
+    at_rows: list[int] = []
+    at_cols: list[int] = []
+    for row, exclude in enumerate(excludes):
+        for item in exclude:
+            pos = positions.get(item)
+            if pos is not None:
+                at_rows.append(row)
+                at_cols.append(pos)
+    return at_rows, at_cols
 
 
 #: :func:`top_k_rows` splits a row into this many blocks per item asked for.
@@ -294,9 +310,26 @@ class ExactIndex:
         qs = as_matrix(queries, self.dims)
         if len(excludes) != len(qs):
             raise ValueError(f"got {len(excludes)} exclusion sets for {len(qs)} queries")
-        n = len(self._ids)
-        if k <= 0 or n == 0:
+        if k <= 0 or not self._ids:
             return [[] for _ in range(len(qs))]
+        best, picked = self.top_many(qs, k, excludes, shared, hidden_rows)
+        return neighbour_rows(self._ids, best, picked)
+
+    def top_many(
+        self,
+        queries: npt.NDArray[np.float32],
+        k: int,
+        excludes: Sequence[Collection[str]],
+        shared: Sequence[Collection[str]] = (),
+        hidden_rows: npt.NDArray[np.bool_] | None = None,
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float32]]:
+        """:meth:`search_many` as arrays: each row's positions (build order) and scores,
+        best first, ``min(k, len(self))`` of them (``-inf`` where a row ran out of items).
+        ``queries`` are checked by the caller."""
+        n = len(self._ids)
+        kk = min(k, n)
+        if kk <= 0:
+            return np.empty((len(queries), 0), np.intp), np.empty((len(queries), 0), np.float32)
         positions = self._positions
         if hidden_rows is not None:
             common = np.flatnonzero(hidden_rows)
@@ -305,27 +338,21 @@ class ExactIndex:
                 sorted({positions[i] for part in shared for i in part if i in positions}),
                 dtype=np.intp,
             )
-        kk = min(k, n)
         rows = max(1, min(_BATCH_ROWS, BLOCK_CELLS // n))
-        out: list[Neighbours] = []
-        for start in range(0, len(qs), rows):
-            scores = self._scores(qs[start : start + rows])
+        bests, pickeds = [], []
+        for start in range(0, len(queries), rows):
+            scores = self._scores(queries[start : start + rows])
             if len(common):
                 scores[:, common] = -np.inf
-            # Every row's exclusions in one assignment (one per row cost more than the lookups).
-            at_rows: list[int] = []
-            at_cols: list[int] = []
-            for row, exclude in enumerate(excludes[start : start + rows]):
-                for item in exclude:
-                    pos = positions.get(item)
-                    if pos is not None:
-                        at_rows.append(row)
-                        at_cols.append(pos)
+            at_rows, at_cols = exclusion_cells(positions, excludes[start : start + rows])
             if at_cols:
                 scores[at_rows, at_cols] = -np.inf
             best = top_k_rows(scores, kk)
-            out.extend(neighbour_rows(self._ids, best, np.take_along_axis(scores, best, axis=1)))
-        return out
+            bests.append(best)
+            pickeds.append(np.take_along_axis(scores, best, axis=1))
+        if len(bests) == 1:
+            return bests[0], pickeds[0]
+        return np.concatenate(bests), np.concatenate(pickeds)
 
     def vector(self, item_id: str) -> npt.NDArray[np.float32] | None:
         pos = self._positions.get(item_id)

@@ -30,6 +30,7 @@ import numpy.typing as npt
 from stream_knn.config import IndexConfig
 from stream_knn.errors import CorruptIndexError, DimensionError, IndexError_, StreamKnnError
 from stream_knn.index.base import (
+    AutoIndex,
     HiddenIds,
     Index,
     KnownIds,
@@ -41,7 +42,9 @@ from stream_knn.index.base import (
 from stream_knn.index.builder import BuildJob, BuildProcess, VersionWriteError, build_version
 from stream_knn.index.exact import (
     BLOCK_CELLS,
+    ExactIndex,
     exact_scores,
+    exclusion_cells,
     neighbour_rows,
     top_k,
     top_k_rows,
@@ -173,16 +176,26 @@ class _Delta:
     ) -> list[Neighbours]:
         """:meth:`search` of every row of ``queries`` (``excludes[i]`` for row ``i``): one
         matrix product and one row-wise partition per block of rows."""
-        n = len(self._ids)
-        if n == 0 or k <= 0:
+        if not self._ids or k <= 0:
             return [[] for _ in range(len(queries))]
+        best, picked = self.top_many(queries, k, excludes)
+        return neighbour_rows(self._ids, best, picked)
+
+    def top_many(
+        self, queries: npt.NDArray[np.float32], k: int, excludes: Sequence[Collection[str]]
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float32]]:
+        """:meth:`search_many` as arrays: rows of positions in :attr:`ids` and scores, best
+        first, ``min(k, len(self))`` wide (``-inf`` where a row ran out of items)."""
+        n = len(self._ids)
+        kk = min(k, n)
+        if kk <= 0:
+            return np.empty((len(queries), 0), np.intp), np.empty((len(queries), 0), np.float32)
         matrix = self._matrix[:n]
         if self._unit:
             norms = np.linalg.norm(queries, axis=1, keepdims=True)
             queries = np.asarray(queries / np.where(norms > 0.0, norms, 1.0), dtype=np.float32)
-        kk = min(k, n)
         step = max(1, min(256, BLOCK_CELLS // n))
-        ids, out = self._ids, []
+        bests, pickeds = [], []
         for start in range(0, len(queries), step):
             block = queries[start : start + step]
             scores = (
@@ -190,13 +203,28 @@ class _Delta:
                 if self._unit
                 else exact_scores(matrix, block, self._metric)
             )
-            for row, exclude in enumerate(excludes[start : start + step]):
-                hidden = [self._pos[i] for i in exclude if i in self._pos]
-                if hidden:
-                    scores[row, hidden] = -np.inf
+            at_rows, at_cols = exclusion_cells(self._pos, excludes[start : start + step])
+            if at_cols:
+                scores[at_rows, at_cols] = -np.inf
             best = top_k_rows(scores, kk)
-            out.extend(neighbour_rows(ids, best, np.take_along_axis(scores, best, axis=1)))
-        return out
+            bests.append(best)
+            pickeds.append(np.take_along_axis(scores, best, axis=1))
+        if len(bests) == 1:
+            return bests[0], pickeds[0]
+        return np.concatenate(bests), np.concatenate(pickeds)
+
+    @property
+    def ids(self) -> list[str]:
+        """Item ids by row (changes with every :meth:`set` and :meth:`remove`)."""
+        return self._ids
+
+
+def _exact_of(index: Index) -> ExactIndex | None:
+    """The exact index searched by ``index`` (itself, or the one ``auto`` chose), if any."""
+    if isinstance(index, AutoIndex):
+        chosen = index.chosen
+        return chosen if isinstance(chosen, ExactIndex) else None
+    return index if isinstance(index, ExactIndex) else None
 
 
 def _index_matrix(index: Index) -> npt.NDArray[np.float32]:
@@ -572,6 +600,16 @@ class IndexManager:
             with self._lock:
                 live = self._live
                 changed, dead = self._changed, self._tombstones
+            exact = None if live is None else _exact_of(live.index)
+            if exact is not None:
+                assert live is not None
+                # Arrays from the exact live index, merged with the delta's before any
+                # (id, score) pair is made: one pass of pairs per list, not three.
+                arrays = exact.top_many(qs, k, excludes, hidden_rows=live.hidden)
+                with self._lock:
+                    if live is not self._live:
+                        continue
+                    return self._merge_exact(live, arrays, qs, k, excludes)
             found: list[Neighbours] = (
                 [[] for _ in range(len(qs))]
                 if live is None
@@ -588,12 +626,59 @@ class IndexManager:
                     merged = mine + extra
                     merged.sort(key=lambda pair: -pair[1])
                     results.append(merged[:k])
-                rate = self.config.recall_sample_rate
-                if rate > 0:
-                    for row, result in enumerate(results):
-                        if self._rng.random() < rate:
-                            self._sample_recall(live, qs[row], k, excludes[row], fresh[row], result)
+                self._sample_many(live, qs, k, excludes, results, fresh.__getitem__)
                 return results
+
+    def _merge_exact(
+        self,
+        live: _Live,
+        arrays: tuple[npt.NDArray[np.intp], npt.NDArray[np.float32]],
+        qs: npt.NDArray[np.float32],
+        k: int,
+        excludes: Sequence[Collection[str]],
+    ) -> list[Neighbours]:
+        """The lists of an exact live index's ``arrays`` and the delta; caller holds the lock.
+
+        The delta's columns follow the live ones and positions past the live items name
+        delta rows, so ties keep the live item first, as a stable merge of the two lists.
+        """
+        best, picked = arrays
+        ids = live.index.ids
+        delta_best, delta_picked = self._delta.top_many(qs, k, excludes)
+        delta_ids = self._delta.ids
+        if delta_best.shape[1]:
+            scores = np.concatenate([picked, delta_picked], axis=1)
+            cells = np.concatenate([best, delta_best + len(ids)], axis=1)
+            order = top_k_rows(scores, min(k, scores.shape[1]))
+            picked = np.take_along_axis(scores, order, axis=1)
+            best = np.take_along_axis(cells, order, axis=1)
+            ids = [*ids, *delta_ids]
+        results = neighbour_rows(ids, best, picked)
+
+        def delta_part(row: int) -> Neighbours:
+            return neighbour_rows(
+                delta_ids, delta_best[row : row + 1], delta_picked[row : row + 1]
+            )[0]
+
+        self._sample_many(live, qs, k, excludes, results, delta_part)
+        return results
+
+    def _sample_many(
+        self,
+        live: _Live | None,
+        qs: npt.NDArray[np.float32],
+        k: int,
+        excludes: Sequence[Collection[str]],
+        results: list[Neighbours],
+        delta_part: Callable[[int], Neighbours],
+    ) -> None:
+        """Sample rows of a batch for recall; caller holds the lock."""
+        rate = self.config.recall_sample_rate
+        if rate <= 0:
+            return
+        for row, result in enumerate(results):
+            if self._rng.random() < rate:
+                self._sample_recall(live, qs[row], k, excludes[row], delta_part(row), result)
 
     def similar(self, item_id: str, k: int) -> Neighbours | None:
         """The ``k`` items nearest ``item_id`` (itself excluded), or ``None`` if unknown."""
