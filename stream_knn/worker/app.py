@@ -79,6 +79,8 @@ _LAST_LISTS = 200_000  # users whose last list is kept for the online hit rate
 _INBOX_BATCHES = 256
 #: Events learned and answered in one synchronous pass of the batch core.
 _CHUNK_EVENTS = 500
+#: How old the consumer's cluster metadata may get before it is fetched again, ms.
+_METADATA_MAX_AGE_MS = 5_000
 #: Replaced item states logged one by one before the log goes quiet about them.
 _REPLACED_STATES_LOGGED = 20
 #: The dashboard's ring of samples: one every this many seconds, this many kept (5 min).
@@ -284,6 +286,11 @@ class WorkerApp:
             broker_heartbeat_interval=w.heartbeat_interval_seconds,
             broker_commit_interval=1.0,
             table_key_index_size=100_000,
+            # The worker creates its internal topic (item updates) as it starts, and the
+            # group can form before the broker's metadata lists it: the topic is then left
+            # out of the assignment until the next metadata refresh, whose change makes the
+            # consumer rejoin. Faust refreshes every 5 minutes; here every 5 seconds.
+            consumer_metadata_max_age_ms=_METADATA_MAX_AGE_MS,
             stream_wait_empty=False,
             loghandlers=[],
         )
