@@ -325,13 +325,17 @@ class ExactIndex:
     ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float32]]:
         """:meth:`search_many` as arrays: each row's positions (build order) and scores,
         best first, ``min(k, len(self))`` of them (``-inf`` where a row ran out of items).
-        ``queries`` are checked by the caller."""
+        ``queries`` are checked by the caller. ``hidden_rows`` may also be one mask per
+        query (shape ``(len(queries), len(self))``)."""
         n = len(self._ids)
         kk = min(k, n)
         if kk <= 0:
             return np.empty((len(queries), 0), np.intp), np.empty((len(queries), 0), np.float32)
         positions = self._positions
-        if hidden_rows is not None:
+        per_row = hidden_rows if hidden_rows is not None and hidden_rows.ndim == 2 else None
+        if per_row is not None:
+            common = np.empty(0, dtype=np.intp)
+        elif hidden_rows is not None:
             common = np.flatnonzero(hidden_rows)
         else:
             common = np.array(
@@ -344,6 +348,8 @@ class ExactIndex:
             scores = self._scores(queries[start : start + rows])
             if len(common):
                 scores[:, common] = -np.inf
+            if per_row is not None:
+                scores[per_row[start : start + rows]] = -np.inf
             at_rows, at_cols = exclusion_cells(positions, excludes[start : start + rows])
             if at_cols:
                 scores[at_rows, at_cols] = -np.inf
