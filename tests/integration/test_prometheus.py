@@ -137,25 +137,7 @@ def test_prometheus_scrapes_series_that_move(worker_env, run_worker, require_too
     worker_env.produce("user_events", [(b"u1", b"{broken")])
     assert len(worker_env.consume("recommendations", expected=200)) == 200
 
-    port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        "scrape_configs:\n  - job_name: stream-knn\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{worker_env.web_port}']\n"
-    )
-    with open(tmp_path / "prometheus.log", "wb") as log:
-        proc = subprocess.Popen(
-            [
-                prometheus,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
-    try:
+    with _prometheus(prometheus, worker_env.web_port, tmp_path) as port:
         deadline = time.monotonic() + 60
         first: list[dict] = []
         while time.monotonic() < deadline and not first:
@@ -186,9 +168,6 @@ def test_prometheus_scrapes_series_that_move(worker_env, run_worker, require_too
             moved = float(result[0]["value"][1]) if result else 0.0
             time.sleep(0.5)
         assert moved == 300.0
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
     status, exposition = worker_env.get("/metrics")
     assert status == 200
