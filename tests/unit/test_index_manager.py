@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -650,5 +651,51 @@ def test_the_build_process_runs_at_the_configured_priority(tmp_path: Path) -> No
                 assert os.sched_getscheduler(pid) == policy, priority
                 if nice is not None:
                     assert os.getpriority(os.PRIO_PROCESS, pid) == nice, priority
+                # Idle and low builds leave the worker's session (and autogroup), so
+                # their CPU is not charged to the worker's share.
+                assert (os.getsid(pid) == pid) == (priority != "normal"), priority
+                autogroup = Path(f"/proc/{pid}/autogroup")
+                if priority != "normal" and autogroup.exists():
+                    want = {"idle": 19, "low": 5}[priority]
+                    assert autogroup.read_text().split()[-1] == str(want), priority
         finally:
             m.stop()
+
+
+def test_vectors_reach_the_build_process_through_shared_memory_or_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stream_knn.index import builder
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(builder, "_SHM", shm)
+    root = tmp_path / "versions"
+    made = builder._handover_dir(root, 1000)
+    assert made.parent == shm and made.name.startswith(f"stream-knn-build-{os.getpid()}-")
+    # No room (or no /dev/shm at all): next to the versions, as before.
+    monkeypatch.setattr(builder, "_SHM", tmp_path / "missing")
+    fallback = builder._handover_dir(root, 1000)
+    assert fallback.parent == root and fallback.name.startswith(".build-")
+
+    # A hand-over left by a worker that no longer runs is removed; a live one stays.
+    monkeypatch.setattr(builder, "_SHM", shm)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = shm / f"stream-knn-build-{dead.pid}-x1"
+    stale.mkdir()
+    (stale / "vectors.npy").write_bytes(b"0" * 100)
+    alive = shm / f"stream-knn-build-{os.getppid()}-x2"
+    alive.mkdir()
+    builder._remove_stale_handovers()
+    assert not stale.exists() and alive.exists() and made.exists()
+
+    # A build through the process leaves no hand-over behind.
+    m = IndexManager(_config(), tmp_path / "built", DIMS)
+    try:
+        m.upsert("a", _vec(1, 0, 0, 0))
+        m.rebuild_now()
+        assert m.version == 1
+    finally:
+        m.stop()
+    assert sorted(p.name for p in shm.iterdir()) == sorted([alive.name, made.name])
