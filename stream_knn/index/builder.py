@@ -22,9 +22,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
+from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +50,8 @@ _SHM = Path("/dev/shm")
 _SHM_PREFIX = "stream-knn-build-"
 #: os.nice increments of the ``low`` build priority, and of ``idle`` without SCHED_IDLE.
 _LOW_NICENESS = 5
+#: Period of a paced build (``index.build_cpu_share`` < 1), seconds.
+_PACE_PERIOD_S = 0.02
 _IDLE_NICENESS = 19
 
 
@@ -185,10 +188,13 @@ class BuildProcess:
     new one. :meth:`shutdown` ends the child; a later build starts another.
     """
 
-    def __init__(self, priority: BuildPriority = "idle") -> None:
+    def __init__(self, priority: BuildPriority = "idle", cpu_share: float = 1.0) -> None:
         self.priority: BuildPriority = priority
+        self.cpu_share = cpu_share
         self._lock = threading.Lock()
         self._executor: ProcessPoolExecutor | None = None
+        #: The child's pid, learnt when it starts (to pace it).
+        self._pid: int | None = None
 
     def build(self, job: BuildJob) -> tuple[VersionInfo, float]:
         """Build and write ``job`` in the child; waits (the GIL is free meanwhile).
@@ -211,6 +217,7 @@ class BuildProcess:
                     initializer=_start_child,
                     initargs=(self.priority,),
                 )
+                self._pid = None
             executor = self._executor
         try:
             vectors = _handover_dir(job.root, job.matrix.nbytes)
@@ -229,17 +236,44 @@ class BuildProcess:
                 ) from exc
             light = dataclasses.replace(job, ids=[], matrix=job.matrix[:0])
             try:
+                if self._pid is None and self.cpu_share < 1.0:
+                    self._pid = executor.submit(os.getpid).result()
                 future = executor.submit(_build_in_child, light, vectors)
             except BrokenExecutor as exc:
                 raise self._discard(executor, exc) from exc
             except RuntimeError as exc:  # shut down by another thread meanwhile
                 raise IndexError_(f"the index build process was shut down: {exc}") from exc
             try:
+                if self._pid is not None and self.cpu_share < 1.0:
+                    self._paced(future, self._pid)
                 return future.result()
             except BrokenExecutor as exc:
                 raise self._discard(executor, exc) from exc
         finally:
             shutil.rmtree(vectors, ignore_errors=True)
+
+    def _paced(self, future: Future[Any], pid: int) -> None:
+        """Hold the child to :attr:`cpu_share` of a core until ``future`` is done: it runs
+        for that share of every :data:`_PACE_PERIOD_S` and is stopped (SIGSTOP) for the
+        rest. It is always resumed before this returns; were the worker killed while the
+        child is stopped, the kernel resumes and hangs up the child's orphaned session."""
+        running = _PACE_PERIOD_S * self.cpu_share
+        stopped = _PACE_PERIOD_S - running
+        while not future.done():
+            wait([future], timeout=running)
+            if future.done():
+                return
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:  # the child died: the future says how
+                return
+            try:
+                time.sleep(stopped)
+            finally:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    return
 
     def _discard(self, executor: ProcessPoolExecutor, exc: BaseException) -> IndexError_:
         """Forget a child that died, so the next build starts a new one."""

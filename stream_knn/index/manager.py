@@ -305,7 +305,11 @@ class IndexManager:
         self.store = IndexStore(Path(root), config.keep_versions)
         self._on_swap = on_swap
         #: Where builds run: None in the calling thread, else a child process.
-        self._builder = None if build_in_process else BuildProcess(config.build_priority)
+        self._builder = (
+            None
+            if build_in_process
+            else BuildProcess(config.build_priority, config.build_cpu_share)
+        )
         # One lock guards every mutable field; searches hold it only for the delta part.
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)

@@ -24,6 +24,12 @@ __all__ = ["RecallSampler"]
 
 #: Samples waiting to be scored; when full the oldest is dropped (a sample, not a duty).
 _QUEUE = 256
+#: Samples are gathered until this many wait or the first has waited this long, then
+#: scored in one pass: a pass streams the live version's whole matrix (25 MB for 100k
+#: items) through the cache, and a pass per sample (20 a second at 2,000 lists/s with
+#: the default 1% rate) took 7% of a core and evicted what the searches had cached.
+_GATHER_SAMPLES = 64
+_GATHER_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,8 @@ class RecallSampler:
         self._recall: deque[float] = deque(maxlen=window)
         self._busy = False
         self._closed = False
+        #: Callers of :meth:`settle` waiting: queued samples are scored at once.
+        self._settling = 0
         self._thread: threading.Thread | None = None
         #: The exact index of the last live version sampled (keyed by its matrix).
         self._oracle: tuple[npt.NDArray[np.float32], ExactIndex] | None = None
@@ -87,7 +95,8 @@ class RecallSampler:
                     target=self._run, name="stream-knn-recall", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify_all()
+            if len(self._jobs) in (1, _GATHER_SAMPLES):
+                self._cond.notify_all()
 
     def mean(self) -> float | None:
         """Mean recall@k of the last scored samples, or ``None`` before the first."""
@@ -97,7 +106,12 @@ class RecallSampler:
     def settle(self, timeout: float) -> bool:
         """Wait until every queued sample is scored; False if ``timeout`` passed first."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._jobs and not self._busy, timeout)
+            self._settling += 1
+            self._cond.notify_all()
+            try:
+                return self._cond.wait_for(lambda: not self._jobs and not self._busy, timeout)
+            finally:
+                self._settling -= 1
 
     def reset(self) -> None:
         """Forget every sample, queued or scored."""
@@ -124,8 +138,16 @@ class RecallSampler:
                 self._busy = False
                 self._cond.notify_all()
                 self._cond.wait_for(lambda: self._jobs or self._closed)
+                self._cond.wait_for(
+                    lambda: (
+                        self._closed or self._settling > 0 or len(self._jobs) >= _GATHER_SAMPLES
+                    ),
+                    _GATHER_SECONDS,
+                )
                 if self._closed:
                     return
+                if not self._jobs:  # reset meanwhile
+                    continue
                 samples = list(self._jobs)
                 self._jobs.clear()
                 self._busy = True

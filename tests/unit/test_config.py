@@ -71,6 +71,10 @@ def test_dump_toml_round_trips_with_variants(tmp_path: Path):
             {"STREAM_KNN_REBUILD_INTERVAL": "inf"},
             "index.rebuild_interval_seconds = 'inf' is not valid; expected a finite number",
         ),
+        (
+            {"STREAM_KNN_INDEX__BUILD_CPU_SHARE": "1.5"},
+            "index.build_cpu_share = 1.5 is not valid; valid values: 0 < x <= 1",
+        ),
         ({"STREAM_KNN_NOPE__X": "1"}, "STREAM_KNN_NOPE__X: unknown section 'nope'"),
         (
             {"STREAM_KNN_INDEX__TREES": "1"},

@@ -699,3 +699,45 @@ def test_vectors_reach_the_build_process_through_shared_memory_or_the_store(
     finally:
         m.stop()
     assert sorted(p.name for p in shm.iterdir()) == sorted([alive.name, made.name])
+
+
+def test_a_paced_build_is_stopped_part_of_the_time_and_always_resumed(tmp_path: Path) -> None:
+    """index.build_cpu_share < 1: the build process is seen stopped while it builds, the
+    version equals an unpaced one, and the process runs again afterwards."""
+    from stream_knn.index.builder import BuildJob, BuildProcess
+
+    rng = np.random.default_rng(5)
+    matrix = rng.normal(size=(30_000, 32)).astype(np.float32)
+    ids = [f"i{j}" for j in range(len(matrix))]
+    config = _config(n_trees=10, build_cpu_share=0.25)
+    process = BuildProcess("normal", cpu_share=0.25)
+    states: set[str] = set()
+    done = threading.Event()
+    built: list[object] = []
+
+    def build() -> None:
+        try:
+            built.append(process.build(BuildJob(tmp_path / "v", 5, config, 32, ids, matrix)))
+        finally:
+            done.set()
+
+    try:
+        thread = threading.Thread(target=build)
+        thread.start()
+        while not done.is_set():
+            pid = process._pid
+            if pid is not None:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                states.add(stat.rsplit(")", 1)[1].split()[0])
+        thread.join()
+        assert built, "the paced build failed"
+        assert "T" in states, f"never seen stopped: {states}"
+        pid = process._pid
+        assert pid is not None
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        assert stat.rsplit(")", 1)[1].split()[0] != "T"
+        store = IndexStore(tmp_path / "v")
+        index = store.load(store.versions()[-1].version)
+        assert sorted(index.ids) == sorted(ids)
+    finally:
+        process.shutdown()
