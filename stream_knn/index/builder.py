@@ -12,6 +12,7 @@ rebuilds, was the largest single cost the builds put on serving.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import multiprocessing
@@ -52,6 +53,8 @@ _SHM_PREFIX = "stream-knn-build-"
 _LOW_NICENESS = 5
 #: Period of a paced build (``index.build_cpu_share`` < 1), seconds.
 _PACE_PERIOD_S = 0.02
+#: prctl(2) option: the signal a process gets when the thread that started it ends.
+_PR_SET_PDEATHSIG = 1
 _IDLE_NICENESS = 19
 
 
@@ -137,10 +140,11 @@ def _remove_stale_handovers() -> None:
             shutil.rmtree(_SHM / name, ignore_errors=True)
 
 
-def _start_child(priority: BuildPriority) -> None:
+def _start_child(priority: BuildPriority, parent: int) -> None:
     """Set up the build process: its CPU priority (inherited by Annoy's build threads);
     Ctrl-C is the worker's to handle (the worker stops its builder, which shuts this
     process down), not a traceback here."""
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if priority == "low":
         os.nice(_LOW_NICENESS)
@@ -152,6 +156,22 @@ def _start_child(priority: BuildPriority) -> None:
         except (AttributeError, OSError):  # not Linux
             os.nice(_IDLE_NICENESS)
         _own_autogroup(_IDLE_NICENESS)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when the thread that started it ends.
+
+    The process's own end of the task pipe notices a worker that is gone, but not while
+    it is stopped by the pacing of ``index.build_cpu_share``: a worker killed then would
+    leave it stopped for good (in a session of its own nothing resumes it).
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:  # gone before the request was made
+        os._exit(1)
 
 
 def _own_autogroup(niceness: int) -> None:
@@ -194,7 +214,9 @@ class BuildProcess:
         self._lock = threading.Lock()
         self._executor: ProcessPoolExecutor | None = None
         #: The child's pid, learnt when it starts (to pace it).
-        self._pid: int | None = None
+        self._pid = 0
+        #: Set when the current child is let go: its owner thread ends then.
+        self._release = threading.Event()
 
     def build(self, job: BuildJob) -> tuple[VersionInfo, float]:
         """Build and write ``job`` in the child; waits (the GIL is free meanwhile).
@@ -210,15 +232,8 @@ class BuildProcess:
         """
         with self._lock:
             if self._executor is None:
-                _remove_stale_handovers()
-                self._executor = ProcessPoolExecutor(
-                    max_workers=1,
-                    mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_start_child,
-                    initargs=(self.priority,),
-                )
-                self._pid = None
-            executor = self._executor
+                self._executor, self._pid, self._release = self._launch()
+            executor, pid = self._executor, self._pid
         try:
             vectors = _handover_dir(job.root, job.matrix.nbytes)
         except OSError as exc:
@@ -236,21 +251,50 @@ class BuildProcess:
                 ) from exc
             light = dataclasses.replace(job, ids=[], matrix=job.matrix[:0])
             try:
-                if self._pid is None and self.cpu_share < 1.0:
-                    self._pid = executor.submit(os.getpid).result()
                 future = executor.submit(_build_in_child, light, vectors)
             except BrokenExecutor as exc:
                 raise self._discard(executor, exc) from exc
             except RuntimeError as exc:  # shut down by another thread meanwhile
                 raise IndexError_(f"the index build process was shut down: {exc}") from exc
             try:
-                if self._pid is not None and self.cpu_share < 1.0:
-                    self._paced(future, self._pid)
+                if self.cpu_share < 1.0:
+                    self._paced(future, pid)
                 return future.result()
             except BrokenExecutor as exc:
                 raise self._discard(executor, exc) from exc
         finally:
             shutil.rmtree(vectors, ignore_errors=True)
+
+    def _launch(self) -> tuple[ProcessPoolExecutor, int, threading.Event]:
+        """A new child, started from a thread of its own that lives until the child is
+        let go (:meth:`_discard`, :meth:`shutdown`): the child dies with the thread that
+        started it (:func:`_die_with_parent`), so that must not be a caller's thread,
+        which may end first. Caller holds the lock."""
+        _remove_stale_handovers()
+        executor = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_child,
+            initargs=(self.priority, os.getpid()),
+        )
+        release = threading.Event()
+        started: Future[int] = Future()
+
+        def own() -> None:
+            try:
+                started.set_result(executor.submit(os.getpid).result())
+            except BaseException as exc:  # handed to the build that asked for the child
+                started.set_exception(exc)
+                return
+            release.wait()
+
+        threading.Thread(target=own, name="stream-knn-build-process", daemon=True).start()
+        try:
+            return executor, started.result(), release
+        except BrokenExecutor as exc:
+            release.set()
+            executor.shutdown(wait=False)
+            raise IndexError_(f"the index build process could not start: {exc}") from exc
 
     def _paced(self, future: Future[Any], pid: int) -> None:
         """Hold the child to :attr:`cpu_share` of a core until ``future`` is done: it runs
@@ -280,6 +324,7 @@ class BuildProcess:
         with self._lock:
             if self._executor is executor:
                 self._executor = None
+                self._release.set()
         executor.shutdown(wait=False)
         return IndexError_(
             f"the index build process ended unexpectedly ({exc}); the next build starts a new one"
@@ -291,3 +336,4 @@ class BuildProcess:
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
+            self._release.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -726,7 +727,7 @@ def test_a_paced_build_is_stopped_part_of_the_time_and_always_resumed(tmp_path: 
         thread.start()
         while not done.is_set():
             pid = process._pid
-            if pid is not None:
+            if pid:
                 stat = Path(f"/proc/{pid}/stat").read_text()
                 states.add(stat.rsplit(")", 1)[1].split()[0])
         thread.join()
@@ -741,3 +742,53 @@ def test_a_paced_build_is_stopped_part_of_the_time_and_always_resumed(tmp_path: 
         assert sorted(index.ids) == sorted(ids)
     finally:
         process.shutdown()
+
+
+_PACED_PARENT = """
+import sys, threading, time
+from pathlib import Path
+import numpy as np
+from stream_knn.config import IndexConfig
+from stream_knn.index.builder import BuildJob, BuildProcess
+matrix = np.random.default_rng(1).normal(size=(60_000, 32)).astype(np.float32)
+ids = [f"i{j}" for j in range(len(matrix))]
+process = BuildProcess("idle", cpu_share=0.05)
+job = BuildJob(Path(sys.argv[1]), 5, IndexConfig(backend="annoy", n_trees=20), 32, ids, matrix)
+threading.Thread(target=process.build, args=(job,), daemon=True).start()
+while not process._pid:
+    time.sleep(0.01)
+print(process._pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def test_a_build_process_left_stopped_by_a_killed_worker_dies_with_it(tmp_path: Path) -> None:
+    """kill -9 of the worker while its paced build process is stopped: the build process
+    must not stay behind, stopped for good."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PACED_PARENT, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        deadline = time.monotonic() + 120
+        while _state(child) != "T":  # caught while stopped by the pacing
+            assert time.monotonic() < deadline, "the paced build process was never stopped"
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 60
+        while _state(child) not in (None, "Z"):
+            assert time.monotonic() < deadline, f"build process left in state {_state(child)}"
+            time.sleep(0.05)
+    finally:
+        parent.kill()
+        parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
