@@ -18,6 +18,7 @@ Blank lines are ignored everywhere; a user listed twice is answered once, in fir
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import time
 import uuid
@@ -340,6 +341,11 @@ class BatchRecommender:
     """
 
     def __init__(self, config: Config, index_root: Path | None = None) -> None:
+        # Someone waits for the answers and nothing is served meanwhile: a build, if one
+        # is needed, runs unpaced.
+        config = dataclasses.replace(
+            config, index=dataclasses.replace(config.index, build_cpu_share=1.0)
+        )
         self.config = config
         root = index_root if index_root is not None else Path(config.worker.data_dir) / "index"
         self.service = RecommendationService(config, root, Metrics(CollectorRegistry()))
