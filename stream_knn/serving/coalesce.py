@@ -72,10 +72,23 @@ class EmitGate(Generic[T]):
             self._mark(user, now)
         return ready
 
+    def due_all(self, now: float) -> list[tuple[str, T]]:
+        """Every pending user with its newest trigger, interval passed or not (now emitted):
+        the flush before a user's partition moves to another worker."""
+        ready = list(self._pending.items())
+        self._pending.clear()
+        for user, _ in ready:
+            self._mark(user, now)
+        return ready
+
     def drop(self, user_id: str) -> None:
         """Forget a user (after a forget record)."""
         self._pending.pop(user_id, None)
         self._last.pop(user_id, None)
+
+    def __contains__(self, user_id: object) -> bool:
+        """Whether the gate keeps anything for ``user_id`` (a last emission or a trigger)."""
+        return user_id in self._last or user_id in self._pending
 
     @property
     def pending(self) -> int:

@@ -22,7 +22,7 @@ import gc
 import logging
 import math
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +32,7 @@ import faust
 import orjson
 from aiokafka import TopicPartition
 from aiokafka.partitioner import murmur2
+from faust.types import TP
 from prometheus_client import CollectorRegistry
 
 from stream_knn.config import Config
@@ -65,6 +66,7 @@ from stream_knn.serving.recommender import ListRequest, Recommendation
 from stream_knn.serving.service import RecommendationService
 from stream_knn.worker.consumer import BatchMessage, SeekSafeConsumer
 from stream_knn.worker.output import OutputProducer
+from stream_knn.worker.ownership import UserPartitions
 from stream_knn.worker.replica import VectorReplica
 from stream_knn.worker.tables import BatchTable
 from stream_knn.worker.web import register_pages
@@ -125,23 +127,35 @@ def _list_record(
 
 
 class _BatchLoop:
-    """Hands fetched batches to ``handle`` as they come, acknowledged once it returns.
+    """Hands fetched batches to ``handle`` as they come, acknowledged once they are done.
 
     Each Faust event is one fetched partition batch. While ``handle`` works on some, the
     next ones gather in an inbox; the next call takes all of them at once (one pass of the
     core, one RocksDB write batch per partition, one output flush), with no waiting for a
     batch to fill. ``handle`` returns after the outputs are delivered, and only then are
     the events acknowledged (at least once): a failure leaves them unacknowledged, so the
-    committed offset stays before them until they are consumed again.
+    committed offset stays before them until they are consumed again. A handler that still
+    owes outputs for a batch (deferred lists) returns a future instead; batches are
+    acknowledged strictly in the order they were handled, so a later batch of the same
+    partition never moves the commit past one that waits.
     """
 
-    def __init__(self, handle: Callable[[list[BatchMessage]], Awaitable[None]]) -> None:
+    def __init__(
+        self, handle: Callable[[list[BatchMessage]], Awaitable[asyncio.Future[None] | None]]
+    ) -> None:
         self.handle = handle
         self.inbox: list[Any] = []
         self.arrived = asyncio.Event()
         self.room = asyncio.Event()
         self.room.set()
+        #: Set while no batch is in the handler's hands.
+        self.idle = asyncio.Event()
+        self.idle.set()
         self.stopping = False
+        #: While set (a rebalance), fetched batches are left unacknowledged, not handled.
+        self.paused = False
+        #: Handled batches not yet acknowledged, oldest first, with what they wait for.
+        self._unacked: deque[tuple[list[Any], asyncio.Future[None] | None]] = deque()
         self._runner: asyncio.Future[None] | None = None
 
     async def run(self, stream: Any) -> None:
@@ -153,8 +167,8 @@ class _BatchLoop:
                 if runner.done():
                     runner.result()  # raises what stopped it
                     raise RuntimeError("the batch handler stopped")
-                if self.stopping:
-                    continue  # left unacknowledged: consumed again after the restart
+                if self.stopping or self.paused:
+                    continue  # left unacknowledged: consumed again from the committed offset
                 self.inbox.append(event)
                 self.arrived.set()
                 if len(self.inbox) >= _INBOX_BATCHES:
@@ -164,6 +178,17 @@ class _BatchLoop:
             await self.drain()
             if not runner.cancelled() and runner.exception() is not None:
                 logger.error("batch handler failed: %r", runner.exception())
+
+    async def pause(self) -> None:
+        """Stop handling (a rebalance): the inbox is dropped unacknowledged, the batch in
+        hand finishes; :meth:`resume` takes batches again."""
+        self.paused = True
+        self.inbox = []
+        self.room.set()
+        await self.idle.wait()
+
+    def resume(self) -> None:
+        self.paused = False
 
     async def drain(self) -> None:
         """Stop taking batches: the one in hand finishes, is delivered and acknowledged
@@ -183,7 +208,26 @@ class _BatchLoop:
                 return
             events, self.inbox = self.inbox, []
             self.room.set()
-            await self.handle([event.message for event in events])
+            if not events:
+                continue
+            self.idle.clear()
+            try:
+                held = await self.handle([event.message for event in events])
+            finally:
+                self.idle.set()
+            self._unacked.append((events, held))
+            if held is not None:
+                held.add_done_callback(self._ack_ready)
+            self._ack_ready()
+
+    def _ack_ready(self, _: object = None) -> None:
+        """Acknowledge the handled batches at the head of the queue that owe nothing."""
+        unacked = self._unacked
+        while unacked:
+            events, held = unacked[0]
+            if held is not None and not (held.done() and held.exception() is None):
+                return
+            unacked.popleft()
             for event in events:
                 event.ack()
 
@@ -198,14 +242,40 @@ class _App(faust.App):
         super().__init__(*args, **kwargs)
         #: The agents' batch loops, drained before the consumer's last commit.
         self.batch_loops: set[_BatchLoop] = set()
+        #: Delivers what the worker still owes for the partitions it holds (deferred lists)
+        #: and drops the process state of users whose partitions moved away; set by
+        #: :class:`WorkerApp`.
+        self.settle: Callable[[set[TP]], Awaitable[None]] | None = None
+        self.keep_only: Callable[[set[TP]], None] | None = None
 
     async def _stop_consumer(self) -> None:
         # Faust commits the acknowledged offsets when the consumer stops, without waiting
         # for the agents (stream_wait_empty is off: a batch loop's inbox is never empty).
-        # The batches in hand finish first, so what they applied is committed with them.
+        # The batches in hand finish first, so what they applied is committed with them,
+        # and so do the lists they deferred.
         for loop in list(self.batch_loops):
             await loop.drain()
+        if self.settle is not None:
+            await self.settle(set())
         await super()._stop_consumer()
+
+    async def _on_partitions_revoked(self, revoked: set[TP]) -> None:
+        # Before Faust's own handling (which commits and may close the revoked stores): no
+        # batch is handled from here to the next assignment, the batch in hand finishes,
+        # and every deferred list leaves while this worker still owns its user.
+        if not self.should_stop:
+            for loop in list(self.batch_loops):
+                await loop.pause()
+            if self.settle is not None:
+                await self.settle(revoked)
+        await super()._on_partitions_revoked(revoked)
+
+    async def _on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
+        if self.keep_only is not None:
+            self.keep_only(assigned)
+        await super()._on_partitions_assigned(assigned, generation_id)
+        for loop in list(self.batch_loops):
+            loop.resume()
 
     def _new_consumer(self) -> Any:
         return SeekSafeConsumer(
@@ -252,6 +322,13 @@ class WorkerApp:
         )
         #: Newest profile of users with a deferred emission (coalescing).
         self.latest_profiles: dict[str, UserProfile] = {}
+        #: Batches that deferred lists, acknowledged once those lists are delivered: the
+        #: time by which every list they deferred is due, and the future to resolve then.
+        self._held: list[tuple[float, asyncio.Future[None]]] = []
+        #: Whether the chunks of the batch being handled deferred any list.
+        self._deferred_any = False
+        #: The input partition of each user with state above, dropped when it moves away.
+        self.user_partitions = UserPartitions(self._has_user_state)
         self.online_hits: dict[str, list[int]] = {}
         #: Stored item states of another layout replaced by fresh ones (see _stored_item).
         self.replaced_states = 0
@@ -327,6 +404,8 @@ class WorkerApp:
         app.batch_topics = frozenset(
             {self.user_events.get_topic_name(), self.item_updates.get_topic_name()}
         )
+        app.settle = self._settle
+        app.keep_only = self._keep_only
 
         app.agent(self.user_events, name="user-events")(self._on_user_events)
         app.agent(self.item_updates, name="item-updates")(self._on_item_updates)
@@ -387,7 +466,9 @@ class WorkerApp:
         await self._consume_batches(stream, self._user_batch)
 
     async def _consume_batches(
-        self, stream: Any, handle: Callable[[list[BatchMessage]], Awaitable[None]]
+        self,
+        stream: Any,
+        handle: Callable[[list[BatchMessage]], Awaitable[asyncio.Future[None] | None]],
     ) -> None:
         loop = _BatchLoop(handle)
         self.app.batch_loops.add(loop)
@@ -419,7 +500,7 @@ class WorkerApp:
                     valid.append((record.partition, record.timestamp / 1000.0, parsed))
         return valid, bad
 
-    async def _user_batch(self, messages: list[BatchMessage]) -> None:
+    async def _user_batch(self, messages: list[BatchMessage]) -> asyncio.Future[None] | None:
         metrics = self.metrics
         last_consumed = self.last_consumed
         for message in messages:
@@ -441,6 +522,14 @@ class WorkerApp:
         # Delivered before the batch is acknowledged: at least once.
         await self.output.flush()
         self.profile_store.persist_offsets()
+        if not self._deferred_any:
+            return None
+        # Lists deferred by the gate: the batch is acknowledged once they are delivered,
+        # by the coalescing timer's flush after every one of them is due.
+        self._deferred_any = False
+        held: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._held.append((time.time() + self.gate.interval, held))
+        return held
 
     def _user_chunk(self, valid: list[tuple[int, float, UserEvent]]) -> None:
         """Learn a chunk of valid events, write its state, send its item updates and lists."""
@@ -452,6 +541,7 @@ class WorkerApp:
         for partition, _, ev in valid:
             partition_of[ev.user_id] = partition
             counts[ev.event_type] += 1
+        self.user_partitions.note(partition_of)
         stored = self._read_profiles(partition_of)
         learned = learn_user_events((ev for _, _, ev in valid), stored, self.config.model)
 
@@ -505,6 +595,7 @@ class WorkerApp:
                 self.latest_profiles.pop(user, None)
             else:
                 self.latest_profiles[user] = maybe_profile
+                self._deferred_any = True
         self._send_item_updates(learned.item_events)
         self._emit_many(due)
         self.service.shadow_score(samples, int(now * 1000))
@@ -566,14 +657,57 @@ class WorkerApp:
             self.metrics.recommendations.labels(name, "event").inc(n)
 
     async def _flush_coalesced(self) -> None:
-        """Emit the newest list of every user whose coalescing interval has passed."""
+        """Emit the newest list of every user whose coalescing interval has passed, then
+        release the batches whose deferred lists are all delivered."""
+        now = time.time()
+        await self._emit_deferred(self.gate.due(now), now)
+
+    async def _emit_deferred(
+        self, ready: list[tuple[str, tuple[UserEvent, float]]], now: float
+    ) -> None:
         due: list[_Due] = []
-        for user, (ev, produced_s) in self.gate.due(time.time()):
+        for user, (ev, produced_s) in ready:
             profile = self.latest_profiles.pop(user, None)
             if profile is not None:
                 due.append((ev, profile, produced_s))
         self._emit_many(due)
         await self.output.flush()
+        # Every list deferred by a batch is due by its release time (offer + interval):
+        # the gate's due() at ``now`` has emitted all lists of batches released by now.
+        held, self._held = self._held, []
+        for release_at, future in held:
+            if release_at <= now:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                self._held.append((release_at, future))
+
+    async def _settle(self, revoked: set[TP]) -> None:
+        """Deliver every deferred list now (a rebalance or a stop: the user may move to
+        another worker), so every batch handled so far can be acknowledged."""
+        now = time.time()
+        self._held = [(min(release_at, now), future) for release_at, future in self._held]
+        await self._emit_deferred(self.gate.due_all(now), now)
+        if revoked:
+            logger.info("partitions revoked: %d; deferred lists delivered", len(revoked))
+
+    def _keep_only(self, assigned: set[TP]) -> None:
+        """Drop the process state of users whose input partition is no longer assigned."""
+        topic = self.user_events.get_topic_name()
+        users = self.user_partitions.drop_except(
+            {tp.partition for tp in assigned if tp.topic == topic}
+        )
+        for user in users:
+            self.last_lists.pop(user, None)
+            self.gate.drop(user)
+            self.latest_profiles.pop(user, None)
+        if users:
+            logger.info(
+                "state of %d users dropped: their partitions moved to other workers", len(users)
+            )
+
+    def _has_user_state(self, user: str) -> bool:
+        return user in self.last_lists or user in self.gate or user in self.latest_profiles
 
     async def _on_item_updates(self, stream: Any) -> None:
         """Apply item updates in whole fetched batches, one read and write per item."""
