@@ -56,6 +56,7 @@ from stream_knn.events.schema import (
     parse_request,
     parse_user_event,
 )
+from stream_knn.kafka import faust_settings
 from stream_knn.logs import RecentProblems
 from stream_knn.metrics.history import MetricHistory, read_registry
 from stream_knn.metrics.registry import Metrics, observe_many
@@ -269,7 +270,7 @@ class WorkerApp:
 
         app = _App(
             w.app_id,
-            broker=f"kafka://{k.bootstrap_servers}",
+            **faust_settings(k),
             store="rocksdb://",
             datadir=str(self.data_dir / "faust"),
             web_enabled=True,

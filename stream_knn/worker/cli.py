@@ -76,6 +76,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     from faust import Worker
     from threadpoolctl import threadpool_limits
 
+    from stream_knn.kafka import verify_connection
     from stream_knn.worker.app import create_app
 
     threadpool_limits(limits=_BLAS_THREADS, user_api="blas")
@@ -87,6 +88,9 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         changes["data_dir"] = args.data_dir
     if changes:
         config = dataclasses.replace(config, worker=dataclasses.replace(config.worker, **changes))
+    # Refused credentials or certificates stop here, with one message, instead of
+    # Faust's clients retrying (and printing stack traces) forever.
+    verify_connection(config.kafka)
     worker_app = create_app(config)
     print(
         f"stream-knn worker {config.worker.app_id}: broker {config.kafka.bootstrap_servers}, "
