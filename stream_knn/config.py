@@ -172,6 +172,8 @@ class BrokerConfig:
 
     port: int = 9092
     controller_port: int = 9093
+    #: The mutual-TLS listener of a broker started with ``--secure``.
+    ssl_port: int = 9094
     host: str = "127.0.0.1"
     data_dir: Path = _CACHE_HOME / "stream-knn" / "broker"
     jars_dir: Path = _CACHE_HOME / "stream-knn" / "kafka-jars"
@@ -725,7 +727,12 @@ def _check_ranges(config: Config) -> None:
         [v.share for v in s.variants],
         "non-negative shares with a positive sum",
     )
-    for port_name, port in (("worker.web_port", w.web_port), ("broker.port", b.port)):
+    for port_name, port in (
+        ("worker.web_port", w.web_port),
+        ("broker.port", b.port),
+        ("broker.controller_port", b.controller_port),
+        ("broker.ssl_port", b.ssl_port),
+    ):
         _require(1 <= port <= 65535, port_name, port, "1..65535")
     _require(
         0 < w.heartbeat_interval_seconds < w.session_timeout_seconds,

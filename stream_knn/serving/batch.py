@@ -34,6 +34,7 @@ from tqdm import tqdm
 from stream_knn.config import Config
 from stream_knn.embeddings.profile import UserProfile
 from stream_knn.errors import BrokerError, DataFormatError, DimensionError
+from stream_knn.events.pseudonym import pseudonymiser_for
 from stream_knn.index.manager import BASIS_FILE
 from stream_knn.kafka import Connection, kafka_config, librdkafka_settings
 from stream_knn.metrics.registry import Metrics
@@ -477,8 +478,17 @@ def recommend_users(
         content = read_changelog(kafka, batch.content_topic, progress=progress)
         summary.items = batch.load_items(behaviour, content)
         del behaviour, content
-        wanted = {user_id.encode() for user_id in user_ids}
-        profiles = read_changelog(kafka, profiles_topic(config), keys=wanted, progress=progress)
+        # Profiles are kept under the pseudonym when privacy.pseudonymise_user_ids is on.
+        pseudonymiser = pseudonymiser_for(config.privacy)
+        keys = {
+            user_id: (
+                user_id if pseudonymiser is None else pseudonymiser.pseudonym(user_id)
+            ).encode()
+            for user_id in user_ids
+        }
+        profiles = read_changelog(
+            kafka, profiles_topic(config), keys=set(keys.values()), progress=progress
+        )
         batch.start()
         summary.index_versions = {
             "-".join(str(part) for part in key): manager.version
@@ -487,7 +497,9 @@ def recommend_users(
         # One time for every user: the answers of one run are decayed alike.
         now_ms = int(time.time() * 1000)
         for user_id in tqdm(user_ids, desc="users", unit="user", disable=not progress):
-            body = batch.answer(user_id, profiles.get(user_id.encode()), k, now_ms)
+            key = keys[user_id]
+            body = batch.answer(key.decode(), profiles.get(key), k, now_ms)
+            body["user_id"] = user_id
             out.write(orjson.dumps(body) + b"\n")
             summary.users += 1
             summary.cold_start += bool(body.get("cold_start"))

@@ -78,7 +78,10 @@ class BatchTable:
         topic = self.changelog_topic
         send = self.output.send
         for key, value in values.items():
-            key_index[key] = partition
+            if value is None:
+                key_index.pop(key, None)  # a deleted key leaves no trace in the process
+            else:
+                key_index[key] = partition
             send(topic, key, value, partition=partition, on_offset=self._on_offset)
 
     def _on_offset(self, partition: int, offset: int) -> None:
