@@ -49,6 +49,7 @@ __all__ = [
     "DLQ_REASONS",
     "DLQ_TRUNCATED_BYTES",
     "EVENT_TYPES",
+    "MAX_FEATURES",
     "MAX_RATING",
     "MAX_WEIGHT",
     "SECONDS_BELOW",
@@ -73,6 +74,8 @@ MAX_RATING = 10.0
 #: Largest accepted ``weight``: a million times a purchase is a unit mistake, and weights
 #: near float32's range would turn item vectors into infinities.
 MAX_WEIGHT = 1e6
+#: Most feature names in one catalog record.
+MAX_FEATURES = 256
 #: Bytes of a bad value a dead letter keeps with ``events.dlq_raw = "truncated"``.
 DLQ_TRUNCATED_BYTES = 256
 # Year 10000 in epoch milliseconds: anything later is a unit mistake, not a real time.
@@ -96,7 +99,7 @@ DLQ_REASONS: tuple[str, ...] = (
     "bad_weight",  # weight negative or above MAX_WEIGHT
     "bad_rating",  # rating outside 0..MAX_RATING
     "bad_vector",  # catalog vector empty, not all numbers, or of the wrong length
-    "bad_features",  # catalog features not an object of numbers or nulls
+    "bad_features",  # catalog features not an object of numbers or nulls, too many names
     "bad_k",  # request k not an integer in 1..max_k
     "conflicting_fields",  # a request names both user_id and item_id
 )
@@ -172,7 +175,9 @@ class DlqRecord:
         ``raw_encoding`` / ``key_encoding`` set to ``"base64"``. The ``raw`` argument is
         ``events.dlq_raw``: ``"truncated"`` keeps the value's first
         :data:`DLQ_TRUNCATED_BYTES` bytes (at a character boundary) and ``"none"``
-        nothing; both add ``raw_bytes``, the value's length, and ``raw_truncated``.
+        nothing; both add ``raw_bytes``, the value's length, and ``raw_truncated``. A
+        ``payload_too_large`` value is always truncated: whole, the dead letter could
+        exceed what the DLQ topic takes, and the worker would retry it forever.
         """
         value: dict[str, Any] = {
             "error": self.error,
@@ -182,6 +187,8 @@ class DlqRecord:
             "offset": self.offset,
         }
         kept = self.raw
+        if self.reason == "payload_too_large" and raw == "full":
+            raw = "truncated"  # refused for its size: whole, it may not fit the DLQ topic
         if raw != "full" and kept is not None:
             value["raw_bytes"] = len(kept)
             kept = None if raw == "none" else _truncated(kept, DLQ_TRUNCATED_BYTES)
@@ -466,7 +473,8 @@ def parse_catalog_record(
     A tombstone (value ``None``) with a key deletes the item named by the key, as does
     ``"deleted": true`` (its vector and features are then ignored). ``vector`` must be a
     non-empty list of finite numbers of length ``dims`` (any length when ``dims`` is
-    ``None``); ``features`` an object mapping names to finite numbers or ``null`` (missing).
+    ``None``); ``features`` an object mapping at most :data:`MAX_FEATURES` names (each of
+    1..``events.max_id_length`` characters) to finite numbers or ``null`` (missing).
 
     Returns
     -------
@@ -490,7 +498,7 @@ def parse_catalog_record(
         if deleted:
             return CatalogRecord(item_id, None, None, True)
         vector = _vector(data.get("vector"), dims)
-        features = _features(data.get("features"))
+        features = _features(data.get("features"), config.max_id_length)
     except _Reject as exc:
         return DlqRecord(exc.reason, exc.error, topic, partition, offset, raw, key)
     return CatalogRecord(item_id, vector, features, False)
@@ -521,15 +529,25 @@ def _vector(value: Any, dims: int | None) -> tuple[float, ...] | None:
     return tuple(out)
 
 
-def _features(value: Any) -> dict[str, float | None] | None:
+def _features(value: Any, max_name_length: int) -> dict[str, float | None] | None:
     if value is None:
         return None
     if type(value) is not dict:
         raise _Reject(
             "bad_features", f"features must be an object of numbers, got {type(value).__name__}"
         )
+    if len(value) > MAX_FEATURES:
+        raise _Reject(
+            "bad_features", f"features has {len(value)} names; the limit is {MAX_FEATURES}"
+        )
     out: dict[str, float | None] = {}
     for name, x in value.items():
+        if not name or len(name) > max_name_length:
+            raise _Reject(
+                "bad_features",
+                f"feature name {name!r:.40} is empty or longer than events.max_id_length "
+                f"= {max_name_length}",
+            )
         kind = type(x)
         if x is None:
             out[name] = None

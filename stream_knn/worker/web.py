@@ -102,9 +102,9 @@ def parse_k(raw: str | None, max_k: int) -> int | None:
     try:
         k = int(raw)
     except ValueError:
-        raise ValueError(f"k must be an integer between 1 and {max_k}, got {raw!r}") from None
+        raise ValueError(f"k must be an integer between 1 and {max_k}, got {raw!r:.40}") from None
     if not 1 <= k <= max_k:
-        raise ValueError(f"k must be an integer between 1 and {max_k}, got {k}")
+        raise ValueError(f"k must be an integer between 1 and {max_k}, got {raw:.40}")
     return k
 
 
