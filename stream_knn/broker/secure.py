@@ -295,19 +295,20 @@ def upsert_users(settings: Mapping[str, Any], users: Mapping[str, str]) -> None:
     """Create (or reset) SCRAM-SHA-256 and -512 credentials of ``users`` (name:
     password) through an admin client with ``settings``."""
     admin = AdminClient(dict(settings))
-    upserts: list[UserScramCredentialAlteration] = [
-        UserScramCredentialUpsertion(
-            user, ScramCredentialInfo(mechanism, _SCRAM_ITERATIONS), password.encode()
-        )
-        for user, password in users.items()
-        for mechanism in (ScramMechanism.SCRAM_SHA_256, ScramMechanism.SCRAM_SHA_512)
-    ]
-    futures = admin.alter_user_scram_credentials(upserts, request_timeout=_ADMIN_TIMEOUT_S)
-    for user, future in futures.items():
-        try:
-            future.result(timeout=_ADMIN_TIMEOUT_S)
-        except KafkaException as exc:
-            raise BrokerError(f"cannot set the SCRAM credentials of {user}: {exc}") from None
+    # One request per mechanism: a request may alter each user once only.
+    for mechanism in (ScramMechanism.SCRAM_SHA_256, ScramMechanism.SCRAM_SHA_512):
+        upserts: list[UserScramCredentialAlteration] = [
+            UserScramCredentialUpsertion(
+                user, ScramCredentialInfo(mechanism, _SCRAM_ITERATIONS), password.encode()
+            )
+            for user, password in users.items()
+        ]
+        futures = admin.alter_user_scram_credentials(upserts, request_timeout=_ADMIN_TIMEOUT_S)
+        for user, future in futures.items():
+            try:
+                future.result(timeout=_ADMIN_TIMEOUT_S)
+            except KafkaException as exc:
+                raise BrokerError(f"cannot set the SCRAM credentials of {user}: {exc}") from None
 
 
 def app_acls(config: Config, principal: str) -> list[AclBinding]:

@@ -197,6 +197,7 @@ def verify_connection(connection: Connection, timeout_s: float = _VERIFY_TIMEOUT
             errors.append(exc.args[0])
         else:
             return
+        admin.poll(0)  # serves error_cb: the refusal itself, not the timeout it caused
         for err in errors:
             problem = _refusal(err, kafka)
             if problem is not None:
@@ -229,13 +230,21 @@ def _refusal(err: KafkaError, kafka: KafkaConfig) -> str | None:
                 "mechanism the broker enables"
             )
         return f"{at} refused this client: {text}; check kafka.ssl_cert_file and kafka.ssl_key_file"
-    if err.code() == KafkaError._SSL:
+    # A refused client certificate arrives as an alert after the handshake: a transport
+    # error whose text is OpenSSL's.
+    if err.code() == KafkaError._SSL or "SSL routines" in text or "SSL alert" in text:
         if "verif" in text:
             return (
                 f"the TLS handshake with {at} failed: {text}; kafka.ssl_ca_file = "
                 f"{str(kafka.ssl_ca_file)!r} must hold the CA that signed the broker's "
                 "certificate (and the certificate must name the host, or set "
                 "kafka.ssl_check_hostname = false)"
+            )
+        if "alert" in text and "certificate" in text:
+            return (
+                f"the TLS handshake with {at} failed: {text}; the broker refused this "
+                "client's certificate (or its absence): check kafka.ssl_cert_file and "
+                "kafka.ssl_key_file (a certificate its CA signed)"
             )
         return (
             f"the TLS handshake with {at} failed: {text}; check kafka.ssl_ca_file, and "

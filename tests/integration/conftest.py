@@ -354,6 +354,7 @@ def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureKaf
     try:
         bootstrap = broker.start()
     except BrokerError as exc:
+        broker.stop()  # launched, maybe, before the step that failed
         unavailable(f"the secured local broker did not start: {exc}")
     try:
         assert broker.pki is not None

@@ -182,10 +182,13 @@ def test_whole_path_over_sasl_ssl_with_least_privilege(
         mallory = f"mallory-{env.suffix}"
         bad = orjson.dumps({"user_id": mallory, "item_id": "   ", "event_type": "view"})
         env.produce("user_events", [(mallory.encode(), bad)])
+        # tail, as the deployment's principal: a list per event, under the ids as sent.
+        lists = _tail(cli_env, env.topics["recommendations"], len(events))
+        assert len(lists) == len(events)
+        assert {key for key, _ in lists} == set(users)
+        # A request, once the user's events are in: answered from the stored profile.
         request = {"request_id": f"r-{env.suffix}", "user_id": users[0], "k": 3}
         env.produce("requests", [(users[0].encode(), orjson.dumps(request))])
-
-        # tail, as the deployment's principal: a list per event, under the ids as sent.
         lists = _tail(cli_env, env.topics["recommendations"], len(events) + 1)
         assert len(lists) == len(events) + 1
         assert {key for key, _ in lists} == set(users)
@@ -277,7 +280,7 @@ def _check_http(env: WorkerEnv, user: str) -> None:
         3,
         None,
     )
-    assert env.get("/similar/item-1?k=2")[0] == 200
+    _wait(lambda: env.get("/similar/item-1?k=2")[0] == 200, "item-1 replicated")
     assert env.get(f"/recommendations/{user}?k=0")[0] == 400
     assert env.get(f"/recommendations/{user}?k=201")[0] == 400  # serving.max_k = 200
     assert env.get("/recommendations/" + "x" * 257)[0] == 400  # events.max_id_length
@@ -286,6 +289,14 @@ def _check_http(env: WorkerEnv, user: str) -> None:
     assert env.get("/status?pad=" + "x" * 2000)[0] == 414
     big = _raw_get(env, "/status", {**env.headers, "Content-Length": "5000"}, b"x" * 5000)
     assert big.status == 413
+    connection = http.client.HTTPConnection("127.0.0.1", env.web_port, timeout=10)
+    try:  # a body of unknown length
+        connection.request(
+            "GET", "/status", body=iter([b"x"]), headers=env.headers, encode_chunked=True
+        )
+        assert connection.getresponse().status == 411
+    finally:
+        connection.close()
     # The dashboard in a browser: /?token= once, then a cookie (the token leaves the URL).
     signed_in = _raw_get(env, f"/?token={TOKEN}", {})
     assert (signed_in.status, signed_in.getheader("Location")) == (303, "/")

