@@ -22,6 +22,7 @@ import orjson
 
 from stream_knn.config import Config
 from stream_knn.worker import app as worker_app
+from stream_knn.worker.tables import MemoryTable
 
 __all__ = ["bench_privacy"]
 
@@ -39,26 +40,6 @@ class _Output:
         self.sent += len(records)
 
     async def flush(self) -> None:
-        return None
-
-
-class _Store:
-    def __init__(self) -> None:
-        self.data: dict[int, dict[bytes, bytes]] = {}
-
-    def get_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
-        part = self.data.get(partition, {})
-        return [part.get(key) for key in keys]
-
-    def write(self, partition: int, values: dict[bytes, bytes | None]) -> None:
-        part = self.data.setdefault(partition, {})
-        for key, value in values.items():
-            if value is None:
-                part.pop(key, None)
-            else:
-                part[key] = value
-
-    def persist_offsets(self) -> None:
         return None
 
 
@@ -96,7 +77,7 @@ def _worker(root: Path, pseudonyms: bool) -> Any:
         serving__self_tuning=False,
     )
     worker = worker_app.WorkerApp(config)
-    worker.profile_store = _Store()
+    worker.profile_store = MemoryTable()
     return worker
 
 

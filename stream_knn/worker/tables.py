@@ -22,7 +22,7 @@ from faust.types import TP
 
 from stream_knn.worker.output import OutputProducer
 
-__all__ = ["BatchTable"]
+__all__ = ["BatchTable", "MemoryTable"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,3 +101,26 @@ class BatchTable:
         topic = self.changelog_topic
         for partition, offset in delivered.items():
             store.set_persisted_offset(TP(topic, partition), offset)
+
+
+class MemoryTable:
+    """:class:`BatchTable`'s reads and writes on dicts (partition -> key -> value): the
+    worker's batch path without RocksDB or a changelog, for tests and benchmarks."""
+
+    def __init__(self) -> None:
+        self.data: dict[int, dict[bytes, bytes]] = {}
+
+    def get_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
+        part = self.data.get(partition, {})
+        return [part.get(key) for key in keys]
+
+    def write(self, partition: int, values: Mapping[bytes, bytes | None]) -> None:
+        part = self.data.setdefault(partition, {})
+        for key, value in values.items():
+            if value is None:
+                part.pop(key, None)
+            else:
+                part[key] = value
+
+    def persist_offsets(self) -> None:
+        """Nothing to persist: there is no changelog."""

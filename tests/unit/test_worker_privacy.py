@@ -22,6 +22,7 @@ from stream_knn.events.schema import DLQ_REASONS, EVENT_TYPES
 from stream_knn.metrics.registry import Metrics
 from stream_knn.serving.recommender import ListRequest
 from stream_knn.worker import app as worker_app
+from stream_knn.worker.tables import MemoryTable
 
 KEY = "a pseudonym key for the tests"
 
@@ -46,27 +47,6 @@ class FakeOutput:
         return [(k, v) for t, k, v in self.records if t == topic]
 
 
-class FakeStore:
-    """A table's partitions as dicts."""
-
-    def __init__(self) -> None:
-        self.data: dict[int, dict[bytes, bytes]] = {}
-
-    def get_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
-        return [self.data.get(partition, {}).get(key) for key in keys]
-
-    def write(self, partition: int, values: dict[bytes, bytes | None]) -> None:
-        part = self.data.setdefault(partition, {})
-        for key, value in values.items():
-            if value is None:
-                part.pop(key, None)
-            else:
-                part[key] = value
-
-    def persist_offsets(self) -> None:
-        return None
-
-
 @pytest.fixture
 def worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setattr(worker_app, "OutputProducer", FakeOutput)
@@ -78,7 +58,7 @@ def worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
         events__dlq_raw="none",
     )
     w = worker_app.WorkerApp(config)
-    w.profile_store = FakeStore()
+    w.profile_store = MemoryTable()
     return w
 
 
