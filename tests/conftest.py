@@ -132,6 +132,7 @@ _INSTALLERS = {
     "prometheus": "scripts/install-prometheus.sh",
     "promtool": "scripts/install-prometheus.sh",
     "chromium": "scripts/install-chromium.sh",
+    "openssl": "scripts/install-openssl.sh",
 }
 
 

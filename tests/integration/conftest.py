@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -336,8 +336,12 @@ class SecureKafka:
 
 
 @pytest.fixture(scope="session")
-def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureKafka]:
-    """One secured broker for every secured test of the session (started on free ports)."""
+def secure_kafka(
+    tmp_path_factory: pytest.TempPathFactory, require_tool: Callable[[str], str]
+) -> Iterator[SecureKafka]:
+    """One secured broker for every secured test of the session (started on free ports;
+    its certificates are made with openssl)."""
+    require_tool("openssl")
     ports = set()
     while len(ports) < 3:
         ports.add(free_port())
