@@ -77,6 +77,10 @@ class EmitGate(Generic[T]):
         self._pending.pop(user_id, None)
         self._last.pop(user_id, None)
 
+    def holds(self, user_id: str) -> bool:
+        """Whether the gate keeps anything of ``user_id`` (a time or a deferred trigger)."""
+        return user_id in self._last or user_id in self._pending
+
     @property
     def pending(self) -> int:
         return len(self._pending)
