@@ -19,11 +19,12 @@ install: $(STAMP)
 demo: install
 	bash scripts/demo.sh
 
-## The whole suite: unit tests, then integration tests against a real broker, a real
-## Prometheus and headless Chromium (the dashboard page).
+## The whole suite: unit tests, then integration tests against a real broker (and a
+## secured one, certificates by openssl), a real Prometheus and headless Chromium.
 test: install
 	bash scripts/install-prometheus.sh
 	bash scripts/install-chromium.sh
+	bash scripts/install-openssl.sh
 	$(BIN)/python -m pytest -q tests
 
 test-unit: install

@@ -5,8 +5,13 @@ environment is read here and nowhere else. Invalid values stop start-up with a
 :class:`~stream_knn.errors.ConfigError` naming the setting and its valid values.
 
 TOML layout: one table per section (``[kafka]``, ``[broker]``, ``[events]``, ``[model]``,
-``[index]``, ``[serving]``, ``[drift]``, ``[worker]``) and ``[[serving.variants]]`` for A/B
-variants.
+``[index]``, ``[serving]``, ``[drift]``, ``[worker]``, ``[privacy]``) and
+``[[serving.variants]]`` for A/B variants.
+
+Secrets (``kafka.sasl_password``, ``kafka.ssl_key_password``, ``worker.http_token``,
+``privacy.pseudonym_key``) are :class:`Secret` values: their text never shows in a repr, a
+log line or :func:`dump_toml`'s output. Each also has a ``*_file`` setting naming a file
+that holds it (a mounted Kubernetes Secret), read when the value is needed.
 
 Environment: every setting is ``STREAM_KNN_<SECTION>__<NAME>`` (e.g.
 ``STREAM_KNN_INDEX__N_TREES=20``); the common ones also have short names, listed in
@@ -37,11 +42,14 @@ __all__ = [
     "IndexConfig",
     "KafkaConfig",
     "ModelConfig",
+    "PrivacyConfig",
+    "Secret",
     "ServingConfig",
     "VariantConfig",
     "WorkerConfig",
     "dump_toml",
     "load_config",
+    "read_secret",
 ]
 
 #: Settings that also take ``inf`` (TOML ``inf``, environment ``inf``): half-lives, where
@@ -54,15 +62,100 @@ BuildPriority = Literal["idle", "low", "normal"]
 WeightFunction = Literal["similarity", "distance", "popularity_blend"]
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+DlqRaw = Literal["full", "truncated", "none"]
 
 _CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 
 
+class Secret:
+    """A secret setting: compares and hashes by value, never shows it.
+
+    ``repr``, ``str`` and f-strings give ``Secret('***')`` (``Secret('')`` when empty);
+    :meth:`reveal` is the one way to the text.
+
+    Examples
+    --------
+    >>> token = Secret("s3cr3t")
+    >>> token, f"{token}", token.reveal(), bool(Secret(""))
+    (Secret('***'), "Secret('***')", 's3cr3t', False)
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str = "") -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret's text."""
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash((Secret, self._value))
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+
+def read_secret(setting: str, value: Secret, path: Path | None) -> str:
+    """The text of the secret ``setting``: the content of ``path`` (the ``*_file`` setting;
+    one trailing line break dropped) when set, else ``value``'s.
+
+    Raises
+    ------
+    ConfigError
+        When the file cannot be read; the message names ``<setting>_file``.
+    """
+    if path is None:
+        return value.reveal()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(
+            f"{setting}_file = {str(path)!r} is not valid; valid values: a readable UTF-8 file "
+            f"holding the secret ({reason})"
+        ) from None
+    return text[:-1] if text.endswith("\n") else text
+
+
 @dataclass(frozen=True)
 class KafkaConfig:
-    """Where the broker is and what the topics are called."""
+    """Where the broker is, how clients authenticate to it, and what the topics are called.
+
+    Every Kafka client of stream-knn (Faust's consumer and producer, the output producer,
+    the admin client, ``produce``, ``tail``, ``recommend``, the vector replica) gets its
+    security settings from here, through :mod:`stream_knn.kafka`.
+    """
 
     bootstrap_servers: str = "127.0.0.1:9092"
+    #: ``SSL`` and ``SASL_SSL`` encrypt (TLS); ``SASL_*`` authenticate with a user name
+    #: and password.
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism = "SCRAM-SHA-512"
+    sasl_username: str = ""
+    sasl_password: Secret = field(default_factory=Secret)
+    #: A file holding the SASL password (instead of ``sasl_password``).
+    sasl_password_file: Path | None = None
+    #: PEM file of the CA(s) that signed the broker's certificate; unset: the system's.
+    ssl_ca_file: Path | None = None
+    #: Client certificate and private key (PEM) for mutual TLS.
+    ssl_cert_file: Path | None = None
+    ssl_key_file: Path | None = None
+    #: Password of an encrypted ``ssl_key_file``.
+    ssl_key_password: Secret = field(default_factory=Secret)
+    ssl_key_password_file: Path | None = None
+    #: Check that the broker's certificate names the host connected to.
+    ssl_check_hostname: bool = True
     topics_dir: Path = Path("topics")
     user_events_topic: str = "user-events"
     item_catalog_topic: str = "item-catalog"
@@ -79,6 +172,8 @@ class BrokerConfig:
 
     port: int = 9092
     controller_port: int = 9093
+    #: The mutual-TLS listener of a broker started with ``--secure``.
+    ssl_port: int = 9094
     host: str = "127.0.0.1"
     data_dir: Path = _CACHE_HOME / "stream-knn" / "broker"
     jars_dir: Path = _CACHE_HOME / "stream-knn" / "kafka-jars"
@@ -92,6 +187,11 @@ class EventsConfig:
 
     max_id_length: int = 256
     max_payload_bytes: int = 65_536
+    #: What a dead letter keeps of the bad record's value: ``full``, ``truncated`` (its
+    #: first :data:`~stream_knn.events.schema.DLQ_TRUNCATED_BYTES` bytes and its length)
+    #: or ``none`` (its length).
+    #: Raw values hold whatever the producer sent, user ids included.
+    dlq_raw: DlqRaw = "full"
     #: Weight of an event when the record carries none (view < click < add_to_cart < purchase).
     view_weight: float = 1.0
     click_weight: float = 2.0
@@ -291,6 +391,24 @@ class WorkerConfig:
     heartbeat_interval_seconds: float = 1.0
     log_level: LogLevel = "INFO"
     log_format: LogFormat = "text"
+    #: Bearer token every HTTP page but ``/health`` and ``/ready`` asks for (unset: none).
+    http_token: Secret = field(default_factory=Secret)
+    http_token_file: Path | None = None
+    #: Whether ``/metrics`` asks for the token too (Prometheus sends it with
+    #: ``authorization: {credentials_file: ...}``).
+    metrics_require_token: bool = True
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """What the worker keeps about users."""
+
+    #: Key profiles, item updates, online statistics, logs and dead letters by a keyed
+    #: HMAC-SHA256 pseudonym of the user id; lists still go out under the id as sent.
+    pseudonymise_user_ids: bool = False
+    #: The HMAC key (at least 16 characters). Changing it orphans every stored profile.
+    pseudonym_key: Secret = field(default_factory=Secret)
+    pseudonym_key_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -305,6 +423,7 @@ class Config:
     serving: ServingConfig = field(default_factory=ServingConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         _check_ranges(self)
@@ -342,6 +461,7 @@ ENV_ALIASES: Mapping[str, tuple[str, str]] = {
     "STREAM_KNN_LOG_FORMAT": ("worker", "log_format"),
     "STREAM_KNN_BROKER_PORT": ("broker", "port"),
     "STREAM_KNN_BROKER_DATA_DIR": ("broker", "data_dir"),
+    "STREAM_KNN_HTTP_TOKEN": ("worker", "http_token"),
 }
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -353,6 +473,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "serving": ServingConfig,
     "drift": DriftConfig,
     "worker": WorkerConfig,
+    "privacy": PrivacyConfig,
 }
 
 
@@ -465,6 +586,8 @@ def _coerce(setting: str, hint: Any, value: Any) -> Any:
         if not math.isfinite(number):
             raise ConfigError(f"{setting} = {value!r} is not valid; expected a finite number")
         return number
+    if hint is Secret:
+        return value if isinstance(value, Secret) else Secret(str(value))
     if hint is Path:
         return Path(os.path.expanduser(str(value)))
     if hint is str:
@@ -614,7 +737,12 @@ def _check_ranges(config: Config) -> None:
         [v.share for v in s.variants],
         "non-negative shares with a positive sum",
     )
-    for port_name, port in (("worker.web_port", w.web_port), ("broker.port", b.port)):
+    for port_name, port in (
+        ("worker.web_port", w.web_port),
+        ("broker.port", b.port),
+        ("broker.controller_port", b.controller_port),
+        ("broker.ssl_port", b.ssl_port),
+    ):
         _require(1 <= port <= 65535, port_name, port, "1..65535")
     _require(
         0 < w.heartbeat_interval_seconds < w.session_timeout_seconds,
@@ -635,10 +763,105 @@ def _check_ranges(config: Config) -> None:
     )
     _require(e.max_id_length >= 1, "events.max_id_length", e.max_id_length, ">= 1")
     _require(e.max_payload_bytes >= 64, "events.max_payload_bytes", e.max_payload_bytes, ">= 64")
+    _check_kafka_security(config.kafka)
+    _check_secret("worker.http_token", w.http_token, w.http_token_file)
+    p = config.privacy
+    _check_secret("privacy.pseudonym_key", p.pseudonym_key, p.pseudonym_key_file)
+    if p.pseudonymise_user_ids:
+        _require(
+            bool(p.pseudonym_key) or p.pseudonym_key_file is not None,
+            "privacy.pseudonym_key",
+            p.pseudonym_key,
+            "a secret of at least 16 characters (or privacy.pseudonym_key_file) with "
+            "privacy.pseudonymise_user_ids = true",
+        )
+    if p.pseudonym_key:
+        _require(
+            len(p.pseudonym_key.reveal()) >= _MIN_KEY_CHARACTERS,
+            "privacy.pseudonym_key",
+            p.pseudonym_key,
+            f"a secret of at least {_MIN_KEY_CHARACTERS} characters",
+        )
+
+
+#: Shortest accepted pseudonym key.
+_MIN_KEY_CHARACTERS = 16
+
+
+def _check_secret(setting: str, value: Secret, path: Path | None) -> None:
+    """A secret comes from its value or its file, not both; the file must be readable."""
+    if value and path is not None:
+        raise ConfigError(
+            f"{setting} and {setting}_file are both set; valid values: one of them "
+            "(the file for a mounted secret)"
+        )
+    if path is not None:
+        _check_file(f"{setting}_file", path)
+
+
+def _check_file(setting: str, path: Path) -> None:
+    _require(
+        Path(path).is_file() and os.access(path, os.R_OK),
+        setting,
+        str(path),
+        "a readable file (not found or not readable)",
+    )
+
+
+def _check_kafka_security(k: KafkaConfig) -> None:
+    """The security settings fit the protocol: SASL needs a user and a password, TLS
+    files are readable and only set where TLS is spoken, a certificate comes with its key."""
+    protocol = k.security_protocol
+    sasl = protocol.startswith("SASL_")
+    tls = protocol in ("SSL", "SASL_SSL")
+    _check_secret("kafka.sasl_password", k.sasl_password, k.sasl_password_file)
+    _check_secret("kafka.ssl_key_password", k.ssl_key_password, k.ssl_key_password_file)
+    if sasl:
+        _require(
+            bool(k.sasl_username),
+            "kafka.sasl_username",
+            k.sasl_username,
+            f"a user name, required with kafka.security_protocol = {protocol!r}",
+        )
+        _require(
+            bool(k.sasl_password) or k.sasl_password_file is not None,
+            "kafka.sasl_password",
+            k.sasl_password,
+            f"a password (or kafka.sasl_password_file), required with "
+            f"kafka.security_protocol = {protocol!r}",
+        )
+    else:
+        for name in ("sasl_username", "sasl_password", "sasl_password_file"):
+            value = getattr(k, name)
+            _require(
+                not value,
+                f"kafka.{name}",
+                value,
+                f"unset with kafka.security_protocol = {protocol!r} (SASL is used by "
+                "'SASL_PLAINTEXT' and 'SASL_SSL')",
+            )
+    files = ("ssl_ca_file", "ssl_cert_file", "ssl_key_file")
+    for name in (*files, "ssl_key_password", "ssl_key_password_file"):
+        value = getattr(k, name)
+        if value and not tls:
+            raise ConfigError(
+                f"kafka.{name} is set but kafka.security_protocol = {protocol!r} does not use "
+                "TLS; valid values of kafka.security_protocol with it: 'SSL', 'SASL_SSL'"
+            )
+    for name in files:
+        path = getattr(k, name)
+        if path is not None:
+            _check_file(f"kafka.{name}", path)
+    if (k.ssl_cert_file is None) != (k.ssl_key_file is None):
+        raise ConfigError(
+            "kafka.ssl_cert_file and kafka.ssl_key_file go together (mutual TLS); "
+            "valid values: both set or both unset"
+        )
 
 
 def dump_toml(config: Config) -> str:
-    """The configuration as TOML text that :func:`load_config` reads back unchanged."""
+    """The configuration as TOML text that :func:`load_config` reads back unchanged, but
+    for secrets: a :class:`Secret` is never written (a comment says where to set it)."""
     lines: list[str] = []
     for name in _SECTIONS:
         section = getattr(config, name)
@@ -649,6 +872,15 @@ def dump_toml(config: Config) -> str:
             if f.name == "variants":
                 variants = value
                 continue
+            if isinstance(value, Secret):
+                if value:
+                    lines.append(
+                        f"# {f.name}: a secret, not written; set STREAM_KNN_{name.upper()}__"
+                        f"{f.name.upper()} or {f.name}_file"
+                    )
+                continue
+            if value is None:
+                continue  # unset optional setting: its default
             lines.append(f"{f.name} = {_toml_value(value)}")
         lines.append("")
         for variant in variants:

@@ -33,7 +33,7 @@ _LOCAL_START_TIMEOUT_SECONDS = 180.0
 _WARM_UP_SECONDS = 60.0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -65,7 +65,7 @@ def _docker_answers() -> bool:
     return b" 200" in status_line
 
 
-def _warm_up(bootstrap: str) -> None:
+def warm_up(connection: str | dict[str, Any]) -> None:
     """Have the broker create and load ``__consumer_offsets`` before the first test.
 
     On a fresh broker the first consumer group waits seconds for its coordinator ("coordinator
@@ -74,16 +74,20 @@ def _warm_up(bootstrap: str) -> None:
     AdminClient for a group's offsets while the coordinator loads crashed librdkafka 2.16
     with a segmentation fault here, so the warm-up uses a plain consumer.)
     """
+    settings = (
+        {"bootstrap.servers": connection} if isinstance(connection, str) else dict(connection)
+    )
+    bootstrap = settings["bootstrap.servers"]
     topic = f"stream-knn-warm-up-{uuid.uuid4().hex[:8]}"
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(settings)
     admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
-    producer = Producer({"bootstrap.servers": bootstrap})
+    producer = Producer(settings)
     producer.produce(topic, b"warm-up")
     if producer.flush(30) != 0:
         raise BrokerError(f"{bootstrap} did not acknowledge the warm-up record")
     consumer = Consumer(
         {
-            "bootstrap.servers": bootstrap,
+            **settings,
             "group.id": topic,
             "auto.offset.reset": "earliest",
         }
@@ -128,6 +132,7 @@ _INSTALLERS = {
     "prometheus": "scripts/install-prometheus.sh",
     "promtool": "scripts/install-prometheus.sh",
     "chromium": "scripts/install-chromium.sh",
+    "openssl": "scripts/install-openssl.sh",
 }
 
 
@@ -165,17 +170,17 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             reasons.append(f"testcontainers Kafka did not start: {exc}")
         else:
             try:
-                _warm_up(str(container.get_bootstrap_server()))
+                warm_up(str(container.get_bootstrap_server()))
                 yield str(container.get_bootstrap_server())
             finally:
                 container.stop()
             return
     else:
         reasons.append("no Docker engine answers")
-    controller_port = _free_port()
-    port = _free_port()
+    controller_port = free_port()
+    port = free_port()
     while port == controller_port:
-        port = _free_port()
+        port = free_port()
     broker = LocalBroker(
         BrokerConfig(
             port=port,
@@ -192,7 +197,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         reasons.append(f"the local broker did not start: {exc}")
     else:
         try:
-            _warm_up(bootstrap)
+            warm_up(bootstrap)
             yield bootstrap
         finally:
             broker.stop()

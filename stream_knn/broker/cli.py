@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from stream_knn.broker.local import LocalBroker
+from stream_knn.broker.secure import APP_USER, app_acls, client_env, create_acls
 from stream_knn.config import Config
 
 __all__ = ["register"]
@@ -38,6 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         action.add_argument(
             "--data-dir", type=Path, help="pid file, logs and storage (broker.data_dir)"
         )
+        if name == "start":
+            action.add_argument(
+                "--secure",
+                action="store_true",
+                help="SASL_SSL (SCRAM) on --port and mutual TLS on broker.ssl_port, with ACLs: "
+                "user 'stream-knn' may use the configured topics and groups only; its client "
+                "settings are written to <data dir>/secure/client.env",
+            )
         action.set_defaults(func=handler)
 
 
@@ -53,7 +62,7 @@ def _broker(args: argparse.Namespace, config: Config) -> LocalBroker:
     }
     if overrides:
         config = config.replace(**overrides)
-    return LocalBroker(config.broker, progress=_progress)
+    return LocalBroker(config.broker, progress=_progress, secure=getattr(args, "secure", False))
 
 
 def _progress(line: str) -> None:
@@ -61,7 +70,20 @@ def _progress(line: str) -> None:
 
 
 def _start(args: argparse.Namespace, config: Config) -> int:
-    print(_broker(args, config).start(), flush=True)
+    broker = _broker(args, config)
+    bootstrap = broker.start()
+    if broker.pki is not None:
+        # The application user may use this deployment's topics and groups, nothing else.
+        create_acls(broker.admin_settings(), app_acls(config, f"User:{APP_USER}"))
+        env = client_env(broker.pki, bootstrap)
+        path = broker.pki.directory / "client.env"
+        path.write_text("".join(f"{name}={value}\n" for name, value in env.items()))
+        _progress(
+            f"ACLs for User:{APP_USER}: topics {config.kafka.user_events_topic}, ... and "
+            f"{config.worker.app_id}-*, groups {config.worker.app_id}* and stream-knn-*; its "
+            f"client settings: {path} (set -a; . {path})"
+        )
+    print(bootstrap, flush=True)
     return 0
 
 

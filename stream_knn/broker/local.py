@@ -26,6 +26,14 @@ from pathlib import Path
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from stream_knn.broker.secure import (
+    ADMIN_USER,
+    APP_USER,
+    Pki,
+    admin_settings,
+    secure_properties,
+    upsert_users,
+)
 from stream_knn.config import BrokerConfig
 from stream_knn.errors import BrokerError
 
@@ -73,13 +81,16 @@ class BrokerStatus:
     log_path: Path
 
 
-def server_properties(config: BrokerConfig) -> str:
+def server_properties(config: BrokerConfig, pki: Pki | None = None) -> str:
     """The ``server.properties`` text of a single-node broker+controller.
 
     Parameters
     ----------
     config : BrokerConfig
         Host, ports and data directory of the broker.
+    pki : Pki or None
+        The TLS files of a secured broker (:mod:`stream_knn.broker.secure`: SASL_SSL
+        and mutual-TLS listeners, ACLs); None: one PLAINTEXT listener.
 
     Returns
     -------
@@ -88,16 +99,23 @@ def server_properties(config: BrokerConfig) -> str:
     """
     host, port, cport = config.host, config.port, config.controller_port
     data = _escape(str(Path(config.data_dir).absolute() / "kraft"))
+    listeners = (
+        [
+            f"listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{cport}",
+            f"advertised.listeners=PLAINTEXT://{host}:{port}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        ]
+        if pki is None
+        else secure_properties(host, port, config.ssl_port, cport, pki)
+    )
     lines = [
         "# Written by stream-knn broker start; edits are overwritten on the next start.",
         "process.roles=broker,controller",
         "node.id=1",
         f"controller.quorum.voters=1@{host}:{cport}",
-        f"listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{cport}",
-        f"advertised.listeners=PLAINTEXT://{host}:{port}",
-        "controller.listener.names=CONTROLLER",
-        "inter.broker.listener.name=PLAINTEXT",
-        "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        *listeners,
         f"log.dirs={data}",
         f"num.partitions={_DEFAULT_PARTITIONS}",
         # One node: internal topics cannot have more replicas than brokers.
@@ -127,6 +145,9 @@ class LocalBroker:
         The broker gets SIGTERM when the process that started it dies, even by SIGKILL (Linux
         with util-linux ``setpriv``; elsewhere ignored). For test sessions, so a killed run
         leaves no broker behind; the CLI's broker outlives the command and leaves this off.
+    secure : bool
+        Start it secured (:mod:`stream_knn.broker.secure`): SASL_SSL on ``port``, mutual
+        TLS on ``ssl_port``, ACLs; the TLS files and passwords in ``<data_dir>/secure``.
     """
 
     def __init__(
@@ -135,9 +156,11 @@ class LocalBroker:
         progress: Callable[[str], None] | None = None,
         *,
         stop_with_parent: bool = False,
+        secure: bool = False,
     ) -> None:
         self._config = config
         self._stop_with_parent = stop_with_parent
+        self.pki: Pki | None = Pki(Path(config.data_dir).absolute() / "secure") if secure else None
         self._data_dir = Path(config.data_dir).absolute()
         self._jars_dir = Path(config.jars_dir).absolute()
         self._say = progress or logger.info
@@ -265,6 +288,15 @@ class LocalBroker:
                 bootstrap = self.bootstrap
                 self._say(f"broker starting (pid {pid}), log: {self.log_path}")
         self._wait_ready(pid, bootstrap, started=started)
+        if self.pki is not None:
+            users = (ADMIN_USER, APP_USER)
+            passwords = {u: self.pki.password_file(u).read_text().strip() for u in users}
+            upsert_users(self.admin_settings(), passwords)
+            self._say(
+                f"SASL_SSL (SCRAM-SHA-256/512, PLAIN) at {bootstrap}, users {', '.join(users)} "
+                f"(passwords in {self.pki.directory}); mutual TLS at "
+                f"{self._config.host}:{self._config.ssl_port}; CA {self.pki.ca_cert}"
+            )
         self._say(f"broker ready at {bootstrap}")
         return bootstrap
 
@@ -336,8 +368,17 @@ class LocalBroker:
             return True  # no /proc (macOS): trust the pid file
         return b"kafka.Kafka" in argv and os.fsencode(self._properties_path()) in argv
 
+    def admin_settings(self) -> dict[str, str | int]:
+        """librdkafka settings of a super-user admin client: PLAINTEXT, or for a secured
+        broker its own certificate on the mutual-TLS listener."""
+        if self.pki is None:
+            return {"bootstrap.servers": self.bootstrap}
+        return admin_settings(self.pki, self._config.host, self._config.ssl_port)
+
     def _check_ports_free(self) -> None:
-        ports = (("port", self._config.port), ("controller_port", self._config.controller_port))
+        ports = [("port", self._config.port), ("controller_port", self._config.controller_port)]
+        if self.pki is not None:
+            ports.append(("ssl_port", self._config.ssl_port))
         for name, port in ports:
             if _port_open(self._config.host, port):
                 raise BrokerError(
@@ -348,7 +389,12 @@ class LocalBroker:
     def _write_files(self) -> Path:
         (self._data_dir / "logs").mkdir(parents=True, exist_ok=True)
         properties = self._properties_path()
-        properties.write_text(server_properties(self._config))
+        if self.pki is not None:
+            self.pki.ensure(self._config.host)
+        # Secured, it holds passwords: readable by the owner only.
+        fd = os.open(properties, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(server_properties(self._config, self.pki))
         # A copy in the data dir: the JVM outlives this process and any temporary extraction.
         log4j = resources.files("stream_knn.broker").joinpath("log4j2.xml")
         (self._data_dir / "log4j2.xml").write_bytes(log4j.read_bytes())
@@ -417,10 +463,11 @@ class LocalBroker:
         return self._process.pid
 
     def _live_bootstrap(self) -> str:
-        """The address the running broker advertises (from the properties it started with)."""
+        """The address the running broker advertises first (from the properties it started
+        with: the PLAINTEXT or the SASL_SSL listener)."""
         for line in _read(self._properties_path()).splitlines():
-            if line.startswith("advertised.listeners=PLAINTEXT://"):
-                return line.split("://", 1)[1].strip()
+            if line.startswith("advertised.listeners="):
+                return line.split("://", 1)[1].split(",", 1)[0].strip()
         return self.bootstrap
 
     def _wait_ready(self, pid: int, bootstrap: str, *, started: bool) -> None:
@@ -435,7 +482,11 @@ class LocalBroker:
                     f"{_tail(output, _LOG_TAIL_LINES)}"
                 )
             host, _, port = bootstrap.rpartition(":")
-            if _port_open(host, int(port)) and _answers(bootstrap):
+            # A secured broker answers its own certificate on the mutual-TLS listener.
+            settings: dict[str, str | int] = (
+                self.admin_settings() if self.pki else {"bootstrap.servers": bootstrap}
+            )
+            if _port_open(host, int(port)) and _answers(settings):
                 return
             if time.monotonic() > deadline:
                 # Only a broker this call launched is ours to stop; a running one is left be.
@@ -504,12 +555,12 @@ def _port_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def _answers(bootstrap: str) -> bool:
-    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 5000})
+def _answers(settings: dict[str, str | int]) -> bool:
+    admin = AdminClient({**settings, "socket.timeout.ms": 5000})
     try:
         metadata = admin.list_topics(timeout=5)
     except KafkaException as exc:
-        logger.debug("broker at %s not ready yet: %s", bootstrap, exc)
+        logger.debug("broker at %s not ready yet: %s", settings["bootstrap.servers"], exc)
         return False
     return bool(metadata.brokers)
 

@@ -7,7 +7,9 @@ A catalog record carries an explicit ``vector`` (used as is) and/or named numeri
 Rules (the contract the worker and the offline replay share):
 
 * **Registration.** A feature name is registered the first time it is seen; names are
-  kept in order of first sight.
+  kept in order of first sight, at most :data:`MAX_FEATURE_NAMES` of them (later new
+  names are ignored, logged once: a stream of made-up names must not grow the state
+  without bound).
 * **Imputation.** A missing feature (absent, ``None`` or NaN) takes the running mean of
   that feature, i.e. a standardised value of exactly 0.
 * **Standardisation.** ``z = (x - mean) / std`` with running mean and population variance
@@ -39,7 +41,7 @@ import orjson
 
 from stream_knn.errors import DimensionError
 
-__all__ = ["CatalogFeatures", "blend", "unit"]
+__all__ = ["MAX_FEATURE_NAMES", "CatalogFeatures", "blend", "unit"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ Vector = npt.NDArray[np.float32]
 Features = Mapping[str, float | int | None]
 
 _STATE_VERSION = 1
+#: Feature names a catalog registers, at most.
+MAX_FEATURE_NAMES = 1024
 
 
 def unit(vector: npt.ArrayLike | None) -> Vector | None:
@@ -142,6 +146,7 @@ class CatalogFeatures:
         self._components: npt.NDArray[np.float64] | None = None  # (n_components, n_features)
         self._warmup: list[npt.NDArray[np.float64]] = []  # raw rows, NaN = missing
         self._late_names_logged: set[str] = set()
+        self._full_logged = False
 
     # -- public API -------------------------------------------------------------------------
 
@@ -293,6 +298,9 @@ class CatalogFeatures:
                     )
             index = self._index.get(name)
             if index is None:
+                if len(self.names) >= MAX_FEATURE_NAMES:
+                    self._log_full(name)
+                    continue
                 index = self._register(str(name))
             values[index] = number
         row = np.full(len(self.names), np.nan)
@@ -363,6 +371,16 @@ class CatalogFeatures:
             keep,
             self.pca_version,
         )
+
+    def _log_full(self, name: Any) -> None:
+        if not self._full_logged:
+            self._full_logged = True
+            logger.warning(
+                "catalog feature %r ignored: %d feature names are registered, the most kept; "
+                "later new names are ignored too",
+                str(name)[:64],
+                MAX_FEATURE_NAMES,
+            )
 
     def _log_late_features(self) -> None:
         assert self._components is not None

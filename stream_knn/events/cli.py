@@ -12,6 +12,7 @@ from stream_knn.events.producer import produce_events
 from stream_knn.events.sources import FORMATS, read_events, to_event_dict
 from stream_knn.events.synthetic import SyntheticStream
 from stream_knn.events.tail import format_record, iter_records
+from stream_knn.kafka import verify_connection
 
 __all__ = ["register"]
 
@@ -90,6 +91,7 @@ def _non_negative_int(text: str) -> int:
 
 def _produce(args: argparse.Namespace, config: Config) -> int:
     topic = args.topic or config.kafka.user_events_topic
+    verify_connection(config.kafka)
     events: Iterable[dict[str, Any]]
     if args.synthetic:
         stream = SyntheticStream(
@@ -104,7 +106,7 @@ def _produce(args: argparse.Namespace, config: Config) -> int:
         # A list, so the progress bar knows the total.
         events = [to_event_dict(e) for e in read_events(args.file, args.format)]
     report = produce_events(
-        config.kafka.bootstrap_servers,
+        config.kafka,
         topic,
         events,
         rate=args.rate,
@@ -128,8 +130,9 @@ def _produce(args: argparse.Namespace, config: Config) -> int:
 
 def _tail(args: argparse.Namespace, config: Config) -> int:
     topic = args.topic or config.kafka.recommendations_topic
+    verify_connection(config.kafka)
     for key, value in iter_records(
-        config.kafka.bootstrap_servers,
+        config.kafka,
         topic,
         limit=args.limit,
         timeout_s=args.timeout,

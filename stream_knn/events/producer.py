@@ -20,6 +20,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from tqdm import tqdm
 
 from stream_knn.errors import BrokerError
+from stream_knn.kafka import Connection, kafka_config, librdkafka_settings
 
 __all__ = ["ProduceReport", "TokenBucket", "pace", "produce_events", "producer_config"]
 
@@ -118,10 +119,10 @@ class TokenBucket:
         return (1.0 - self._tokens) / self.rate
 
 
-def producer_config(bootstrap: str, compression: str = "lz4") -> dict[str, Any]:
+def producer_config(connection: Connection, compression: str = "lz4") -> dict[str, Any]:
     """The confluent-kafka settings of the event producer."""
     return {
-        "bootstrap.servers": bootstrap,
+        **librdkafka_settings(connection),
         "linger.ms": 5,
         "compression.type": compression,
         "enable.idempotence": True,
@@ -135,7 +136,7 @@ def producer_config(bootstrap: str, compression: str = "lz4") -> dict[str, Any]:
 
 
 def produce_events(
-    bootstrap: str,
+    connection: Connection,
     topic: str,
     events: Iterable[dict[str, Any]],
     *,
@@ -148,8 +149,8 @@ def produce_events(
 
     Parameters
     ----------
-    bootstrap : str
-        Kafka bootstrap servers.
+    connection : KafkaConfig or str
+        The ``[kafka]`` settings, or a bootstrap address (PLAINTEXT).
     topic : str
         Destination topic.
     events : iterable of dict
@@ -191,12 +192,15 @@ def produce_events(
         if err.fatal():
             raise BrokerError(f"the Kafka producer hit a fatal error: {err}")
 
-    config = producer_config(bootstrap, compression)
+    config = producer_config(connection, compression)
     config["error_cb"] = on_error
     try:
         producer = Producer(config)
     except KafkaException as exc:
-        raise BrokerError(f"cannot create a Kafka producer for {bootstrap}: {exc}") from None
+        raise BrokerError(
+            f"cannot create a Kafka producer for {kafka_config(connection).bootstrap_servers}: "
+            f"{exc}"
+        ) from None
     stream = events if limit is None else itertools.islice(events, limit)
     total = len(events) if isinstance(events, Sized) else None
     if limit is not None:

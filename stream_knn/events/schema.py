@@ -7,25 +7,28 @@ fields in the order they are listed below; the first failure decides the reason.
 
 User events (topic ``user-events``), a JSON object:
 
-- ``user_id`` (required) and ``item_id`` (required except for ``forget``): non-empty strings
-  of at most ``events.max_id_length`` characters; JSON integers are accepted and become
-  their decimal text, so ``42`` and ``"42"`` are the same id.
+- ``user_id`` (required) and ``item_id`` (required except for ``forget``): strings of at
+  most ``events.max_id_length`` characters, not empty nor only whitespace (``empty_id``),
+  without control characters (U+0000-U+001F, U+007F-U+009F: ``bad_id``; they would reach
+  log lines, terminals and HTTP paths); JSON integers are accepted and become their
+  decimal text, so ``42`` and ``"42"`` are the same id.
 - ``event_type`` (required): one of :data:`EVENT_TYPES`. ``forget`` is the user-forget record:
   it deletes the user's profile and needs no ``item_id`` (one given is ignored).
 - ``ts`` (optional): epoch time as a number or a numeric string. Values below
   :data:`SECONDS_BELOW` (1e11, i.e. 1973 in milliseconds or year 5138 in seconds) are read
   as epoch *seconds* and multiplied by 1000, larger ones as epoch *milliseconds*; fractions
   of a millisecond are dropped. Missing or ``null``: the broker timestamp of the record.
-- ``weight`` (optional): a finite number ``>= 0``. Missing: ``rating_weight_base +
-  rating_weight_scale * rating`` for ``rating`` events, ``events.weight_of(type)`` for the
-  other types, ``0.0`` for ``forget``.
+- ``weight`` (optional): a finite number in ``0..``:data:`MAX_WEIGHT` (1e6). Missing:
+  ``rating_weight_base + rating_weight_scale * rating`` for ``rating`` events,
+  ``events.weight_of(type)`` for the other types, ``0.0`` for ``forget``.
 - ``rating``: required for ``rating`` events, optional otherwise; a finite number in
   ``0..``:data:`MAX_RATING` (10, which covers 5-star and 10-point scales).
 - ``event_id`` (optional): an id as above; missing: ``"{topic}-{partition}-{offset}"``, which
   is unique and stable across redeliveries of the same record.
 - ``context`` (optional): a JSON object, passed through untouched.
 
-Unknown fields are ignored so producers can add fields before consumers know them.
+Unknown fields are ignored so producers can add fields before consumers know them. A key
+given twice in one object counts with its last value (as JavaScript's ``JSON.parse``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from __future__ import annotations
 import base64
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,13 +47,17 @@ from stream_knn.errors import EventError
 
 __all__ = [
     "DLQ_REASONS",
+    "DLQ_TRUNCATED_BYTES",
     "EVENT_TYPES",
+    "MAX_FEATURES",
     "MAX_RATING",
+    "MAX_WEIGHT",
     "SECONDS_BELOW",
     "CatalogRecord",
     "DlqRecord",
     "Request",
     "UserEvent",
+    "id_problem",
     "parse_catalog_record",
     "parse_request",
     "parse_user_event",
@@ -63,6 +71,13 @@ EVENT_TYPES: frozenset[str] = frozenset(
 SECONDS_BELOW = 100_000_000_000
 #: Largest accepted ``rating``.
 MAX_RATING = 10.0
+#: Largest accepted ``weight``: a million times a purchase is a unit mistake, and weights
+#: near float32's range would turn item vectors into infinities.
+MAX_WEIGHT = 1e6
+#: Most feature names in one catalog record.
+MAX_FEATURES = 256
+#: Bytes of a bad value a dead letter keeps with ``events.dlq_raw = "truncated"``.
+DLQ_TRUNCATED_BYTES = 256
 # Year 10000 in epoch milliseconds: anything later is a unit mistake, not a real time.
 _MAX_TS_MS = 253_402_300_800_000
 
@@ -78,23 +93,32 @@ DLQ_REASONS: tuple[str, ...] = (
     "wrong_type",  # a field has the wrong JSON type
     "empty_id",  # an id is the empty string
     "id_too_long",  # an id is longer than events.max_id_length
+    "bad_id",  # an id holds a control character
     "unknown_event_type",  # event_type not in EVENT_TYPES
     "bad_timestamp",  # ts negative, after year 9999, or a string that is not a number
-    "bad_weight",  # weight negative
+    "bad_weight",  # weight negative or above MAX_WEIGHT
     "bad_rating",  # rating outside 0..MAX_RATING
     "bad_vector",  # catalog vector empty, not all numbers, or of the wrong length
-    "bad_features",  # catalog features not an object of numbers or nulls
+    "bad_features",  # catalog features not an object of numbers or nulls, too many names
     "bad_k",  # request k not an integer in 1..max_k
     "conflicting_fields",  # a request names both user_id and item_id
 )
 
 # orjson rejects these literals with a generic syntax error; we name them precisely.
 _NON_FINITE_TOKEN = re.compile(rb"(?<![\w\"])-?(?:NaN|Infinity)(?![\w\"])")
+#: C0 controls, DEL and C1 controls: no id may hold one.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True, slots=True)
 class UserEvent:
-    """A validated user event; ``item_id`` is ``None`` only for ``forget``."""
+    """A validated user event; ``item_id`` is ``None`` only for ``forget``.
+
+    ``user_id`` is the id state is kept under: the pseudonym of the id the producer sent
+    when ``privacy.pseudonymise_user_ids`` is on, and then ``sent_user_id`` holds the id
+    as sent (lists go out under :attr:`output_user_id`); otherwise ``sent_user_id`` is
+    None.
+    """
 
     user_id: str
     item_id: str | None
@@ -104,6 +128,12 @@ class UserEvent:
     event_id: str
     rating: float | None
     context: dict[str, Any] | None
+    sent_user_id: str | None = None
+
+    @property
+    def output_user_id(self) -> str:
+        """The user id as the producer sent it."""
+        return self.user_id if self.sent_user_id is None else self.sent_user_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,11 +168,16 @@ class DlqRecord:
     raw: bytes | None
     key: bytes | None
 
-    def to_value(self) -> bytes:
+    def to_value(self, raw: str = "full") -> bytes:
         """The DLQ topic value: ``{error, reason, topic, partition, offset, raw, key}``.
 
         ``raw`` and ``key`` are UTF-8 text when they decode, otherwise base64 with
-        ``raw_encoding`` / ``key_encoding`` set to ``"base64"``.
+        ``raw_encoding`` / ``key_encoding`` set to ``"base64"``. The ``raw`` argument is
+        ``events.dlq_raw``: ``"truncated"`` keeps the value's first
+        :data:`DLQ_TRUNCATED_BYTES` bytes (at a character boundary) and ``"none"``
+        nothing; both add ``raw_bytes``, the value's length, and ``raw_truncated``. A
+        ``payload_too_large`` value is always truncated: whole, the dead letter could
+        exceed what the DLQ topic takes, and the worker would retry it forever.
         """
         value: dict[str, Any] = {
             "error": self.error,
@@ -151,7 +186,14 @@ class DlqRecord:
             "partition": self.partition,
             "offset": self.offset,
         }
-        _put_bytes(value, "raw", self.raw)
+        kept = self.raw
+        if self.reason == "payload_too_large" and raw == "full":
+            raw = "truncated"  # refused for its size: whole, it may not fit the DLQ topic
+        if raw != "full" and kept is not None:
+            value["raw_bytes"] = len(kept)
+            kept = None if raw == "none" else _truncated(kept, DLQ_TRUNCATED_BYTES)
+            value["raw_truncated"] = kept is None or len(kept) < len(self.raw or b"")
+        _put_bytes(value, "raw", kept)
         _put_bytes(value, "key", self.key)
         return orjson.dumps(value)
 
@@ -165,6 +207,19 @@ class DlqRecord:
             offset=self.offset,
             key=self.key,
         )
+
+
+def _truncated(data: bytes, limit: int) -> bytes:
+    """The first ``limit`` bytes of ``data``, less a UTF-8 character cut in two."""
+    if len(data) <= limit:
+        return data
+    head = data[:limit]
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start >= limit - 3 and exc.reason == "unexpected end of data":
+            return head[: exc.start]
+    return head
 
 
 def _put_bytes(value: dict[str, Any], name: str, data: bytes | None) -> None:
@@ -211,16 +266,44 @@ def _load(raw: bytes | None, max_bytes: int) -> dict[str, Any]:
     return data
 
 
+def id_problem(value: str, name: str, max_length: int) -> tuple[str, str] | None:
+    """Why ``value`` cannot be an id (``(reason, message)``), or None when it can: the one
+    rule for ids in records and in HTTP paths.
+
+    Examples
+    --------
+    >>> id_problem("u1", "user_id", 256) is None
+    True
+    >>> id_problem("   ", "item_id", 256)
+    ('empty_id', 'item_id is blank')
+    >>> id_problem("a\x1b[2J", "user_id", 256)
+    ('bad_id', 'user_id holds a control character (U+001B at 1)')
+    """
+    if not value:
+        return "empty_id", f"{name} is empty"
+    if len(value) > max_length:
+        return (
+            "id_too_long",
+            f"{name} has {len(value)} characters; the limit is events.max_id_length = {max_length}",
+        )
+    if value.isspace():
+        return "empty_id", f"{name} is blank"
+    if value.isascii() and value.isprintable():
+        return None  # the common case, C loops only
+    found = _CONTROL.search(value)
+    if found is not None:
+        return (
+            "bad_id",
+            f"{name} holds a control character (U+{ord(found.group()):04X} at {found.start()})",
+        )
+    return None
+
+
 def _id(value: Any, name: str, max_length: int) -> str:
     if type(value) is str:
-        if not value:
-            raise _Reject("empty_id", f"{name} is empty")
-        if len(value) > max_length:
-            raise _Reject(
-                "id_too_long",
-                f"{name} has {len(value)} characters; the limit is "
-                f"events.max_id_length = {max_length}",
-            )
+        problem = id_problem(value, name, max_length)
+        if problem is not None:
+            raise _Reject(*problem)
         return value
     if value is None:
         raise _Reject("missing_field", f"{name} is missing")
@@ -283,6 +366,7 @@ def parse_user_event(
     offset: int,
     key: bytes | None,
     broker_ts_ms: int,
+    pseudonym: Callable[[str], str] | None = None,
 ) -> UserEvent | DlqRecord:
     """Parse one ``user-events`` value (the rules are in the module docstring).
 
@@ -296,6 +380,9 @@ def parse_user_event(
         The record's coordinates, for the default ``event_id`` and the DLQ record.
     broker_ts_ms : int
         The record's broker timestamp, used when the event has no ``ts``.
+    pseudonym : callable or None
+        Maps the user id to the id state is kept under (``privacy.pseudonymise_user_ids``);
+        the event then carries both (:attr:`UserEvent.sent_user_id`).
 
     Returns
     -------
@@ -337,8 +424,8 @@ def parse_user_event(
         value = data.get("weight")
         if value is not None:
             weight = _number(value, "weight")
-            if weight < 0.0:
-                raise _Reject("bad_weight", f"weight {weight} is negative")
+            if not 0.0 <= weight <= MAX_WEIGHT:
+                raise _Reject("bad_weight", f"weight {weight} is outside 0..{MAX_WEIGHT:g}")
         elif forget:
             weight = 0.0
         elif rating is not None and event_type == "rating":
@@ -356,6 +443,18 @@ def parse_user_event(
             )
     except _Reject as exc:
         return DlqRecord(exc.reason, exc.error, topic, partition, offset, raw, key)
+    if pseudonym is not None:
+        return UserEvent(
+            pseudonym(user_id),
+            item_id,
+            event_type,
+            ts_ms,
+            weight,
+            event_id,
+            rating,
+            context,
+            user_id,
+        )
     return UserEvent(user_id, item_id, event_type, ts_ms, weight, event_id, rating, context)
 
 
@@ -374,7 +473,8 @@ def parse_catalog_record(
     A tombstone (value ``None``) with a key deletes the item named by the key, as does
     ``"deleted": true`` (its vector and features are then ignored). ``vector`` must be a
     non-empty list of finite numbers of length ``dims`` (any length when ``dims`` is
-    ``None``); ``features`` an object mapping names to finite numbers or ``null`` (missing).
+    ``None``); ``features`` an object mapping at most :data:`MAX_FEATURES` names (each of
+    1..``events.max_id_length`` characters) to finite numbers or ``null`` (missing).
 
     Returns
     -------
@@ -398,7 +498,7 @@ def parse_catalog_record(
         if deleted:
             return CatalogRecord(item_id, None, None, True)
         vector = _vector(data.get("vector"), dims)
-        features = _features(data.get("features"))
+        features = _features(data.get("features"), config.max_id_length)
     except _Reject as exc:
         return DlqRecord(exc.reason, exc.error, topic, partition, offset, raw, key)
     return CatalogRecord(item_id, vector, features, False)
@@ -429,15 +529,25 @@ def _vector(value: Any, dims: int | None) -> tuple[float, ...] | None:
     return tuple(out)
 
 
-def _features(value: Any) -> dict[str, float | None] | None:
+def _features(value: Any, max_name_length: int) -> dict[str, float | None] | None:
     if value is None:
         return None
     if type(value) is not dict:
         raise _Reject(
             "bad_features", f"features must be an object of numbers, got {type(value).__name__}"
         )
+    if len(value) > MAX_FEATURES:
+        raise _Reject(
+            "bad_features", f"features has {len(value)} names; the limit is {MAX_FEATURES}"
+        )
     out: dict[str, float | None] = {}
     for name, x in value.items():
+        if not name or len(name) > max_name_length:
+            raise _Reject(
+                "bad_features",
+                f"feature name {name!r:.40} is empty or longer than events.max_id_length "
+                f"= {max_name_length}",
+            )
         kind = type(x)
         if x is None:
             out[name] = None

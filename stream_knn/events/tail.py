@@ -15,6 +15,7 @@ import orjson
 from confluent_kafka import Consumer, KafkaException
 
 from stream_knn.errors import BrokerError
+from stream_knn.kafka import Connection, access_denied, kafka_config, librdkafka_settings
 
 __all__ = ["consume", "format_record", "iter_records"]
 
@@ -25,7 +26,7 @@ _BATCH = 500
 
 
 def iter_records(
-    bootstrap: str,
+    connection: Connection,
     topic: str,
     *,
     limit: int | None = None,
@@ -36,8 +37,8 @@ def iter_records(
 
     Parameters
     ----------
-    bootstrap : str
-        Kafka bootstrap servers.
+    connection : KafkaConfig or str
+        The ``[kafka]`` settings, or a bootstrap address (PLAINTEXT).
     topic : str
         Topic to read.
     limit : int or None
@@ -54,8 +55,9 @@ def iter_records(
     """
     if limit is not None and limit <= 0:
         return
+    kafka = kafka_config(connection)
     consumer_config = {
-        "bootstrap.servers": bootstrap,
+        **librdkafka_settings(kafka),
         "group.id": f"stream-knn-tail-{uuid.uuid4().hex}",
         "auto.offset.reset": "earliest" if from_beginning else "latest",
         "enable.auto.commit": False,
@@ -64,7 +66,9 @@ def iter_records(
     try:
         consumer = Consumer(consumer_config)
     except KafkaException as exc:
-        raise BrokerError(f"cannot create a Kafka consumer for {bootstrap}: {exc}") from None
+        raise BrokerError(
+            f"cannot create a Kafka consumer for {kafka.bootstrap_servers}: {exc}"
+        ) from None
     warned: set[int] = set()
     count = 0
     try:
@@ -77,6 +81,9 @@ def iter_records(
                 if err is not None:
                     if err.fatal():
                         raise BrokerError(f"reading {topic} failed: {err}")
+                    denied = access_denied(err, kafka, f"reading topic {topic}")
+                    if denied is not None:
+                        raise BrokerError(denied)
                     if err.code() not in warned:
                         # Typical: the topic does not exist yet; keep waiting for it.
                         warned.add(err.code())
@@ -94,7 +101,7 @@ def iter_records(
 
 
 def consume(
-    bootstrap: str,
+    connection: Connection,
     topic: str,
     *,
     limit: int | None,
@@ -107,7 +114,7 @@ def consume(
     """
     return list(
         iter_records(
-            bootstrap, topic, limit=limit, timeout_s=timeout_s, from_beginning=from_beginning
+            connection, topic, limit=limit, timeout_s=timeout_s, from_beginning=from_beginning
         )
     )
 

@@ -2,13 +2,16 @@
 
 Names carry the ``stream_knn_`` prefix and their unit; every label has a bounded set of
 values (event types, DLQ reasons, variant names, triggers, partitions of our topics, the
-tables, the kept index versions). The process's own figures (CPU, memory, file descriptors,
-garbage collection) come from prometheus-client's standard collectors, on the same registry.
+tables, the kept index versions). Counters whose label values are known up front (event
+types and outcomes, DLQ reasons, catalog outcomes, variants and triggers) are exported at
+0 from the start, so a dashboard or an alert on them sees a healthy worker's zero. The
+process's own figures (CPU, memory, file descriptors, garbage collection) come from
+prometheus-client's standard collectors, on the same registry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from prometheus_client import (
@@ -21,7 +24,14 @@ from prometheus_client import (
     ProcessCollector,
 )
 
-__all__ = ["BUILD_BUCKETS", "LATENCY_BUCKETS", "Metrics", "observe_many"]
+from stream_knn.events.schema import DLQ_REASONS, EVENT_TYPES
+
+__all__ = ["BUILD_BUCKETS", "LATENCY_BUCKETS", "TRIGGERS", "Metrics", "observe_many"]
+
+#: What asks for a list: an event, a Kafka request, an HTTP request.
+TRIGGERS = ("event", "request", "http")
+#: Outcomes of an item-catalog record.
+CATALOG_OUTCOMES = ("upsert", "delete", "dlq", "empty")
 
 #: Seconds; fine below 50 ms where the end-to-end target sits.
 LATENCY_BUCKETS = (
@@ -66,9 +76,12 @@ def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
 
 
 class Metrics:
-    """Every metric the worker exports; one instance per registry."""
+    """Every metric the worker exports; one instance per registry.
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    ``variants`` are the A/B variant names: their list counters start at 0 too.
+    """
+
+    def __init__(self, registry: CollectorRegistry, variants: Iterable[str] = ()) -> None:
         self.registry = registry
         self.events = Counter(
             "stream_knn_events",
@@ -232,6 +245,16 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        for event_type in sorted(EVENT_TYPES):
+            self.events.labels(event_type, "ok")
+        self.events.labels("invalid", "dlq")
+        for reason in DLQ_REASONS:
+            self.dlq.labels(reason)
+        for outcome in CATALOG_OUTCOMES:
+            self.catalog.labels(outcome)
+        for variant in variants:
+            for trigger in TRIGGERS:
+                self.recommendations.labels(variant, trigger)
         # The process itself: process_* (CPU, resident memory, open file descriptors),
         # python_info and python_gc_* (collections, collected and uncollectable objects).
         ProcessCollector(registry=registry)

@@ -35,7 +35,9 @@ from tqdm import tqdm
 from stream_knn.config import Config
 from stream_knn.embeddings.profile import UserProfile
 from stream_knn.errors import BrokerError, DataFormatError, DimensionError
+from stream_knn.events.pseudonym import pseudonymiser_for
 from stream_knn.index.manager import BASIS_FILE
+from stream_knn.kafka import Connection, kafka_config, librdkafka_settings
 from stream_knn.metrics.registry import Metrics
 from stream_knn.serving.service import RecommendationService
 from stream_knn.worker.replica import VectorReplica
@@ -163,7 +165,7 @@ def profiles_topic(config: Config) -> str:
 
 
 def read_changelog(
-    bootstrap: str,
+    connection: Connection,
     topic: str,
     *,
     keys: Collection[bytes] | None = None,
@@ -178,8 +180,8 @@ def read_changelog(
 
     Parameters
     ----------
-    bootstrap
-        Kafka bootstrap servers.
+    connection
+        The ``[kafka]`` settings, or a bootstrap address (PLAINTEXT).
     topic
         Topic to read.
     keys
@@ -194,7 +196,7 @@ def read_changelog(
     BrokerError
         If the broker cannot be reached, the topic does not exist or the read stalls.
     """
-    consumer = _consumer(bootstrap)
+    consumer = _consumer(connection)
     try:
         ends = _end_offsets(consumer, topic)
         wanted = None if keys is None else set(keys)
@@ -236,11 +238,11 @@ def read_changelog(
     return state
 
 
-def _consumer(bootstrap: str) -> Consumer:
+def _consumer(connection: Connection) -> Consumer:
     try:
         return Consumer(
             {
-                "bootstrap.servers": bootstrap,
+                **librdkafka_settings(connection),
                 "group.id": f"stream-knn-recommend-{uuid.uuid4().hex}",
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
@@ -248,7 +250,10 @@ def _consumer(bootstrap: str) -> Consumer:
             }
         )
     except KafkaException as exc:
-        raise BrokerError(f"cannot create a Kafka consumer for {bootstrap}: {exc}") from None
+        raise BrokerError(
+            f"cannot create a Kafka consumer for {kafka_config(connection).bootstrap_servers}: "
+            f"{exc}"
+        ) from None
 
 
 def _end_offsets(consumer: Consumer, topic: str) -> dict[int, tuple[int, int]]:
@@ -472,15 +477,24 @@ def recommend_users(
     BrokerError
         If a changelog topic cannot be read.
     """
-    bootstrap = config.kafka.bootstrap_servers
+    kafka = config.kafka
     summary = BatchSummary()
     with BatchRecommender(config) as batch:
-        behaviour = read_changelog(bootstrap, batch.behaviour_topic, progress=progress)
-        content = read_changelog(bootstrap, batch.content_topic, progress=progress)
+        behaviour = read_changelog(kafka, batch.behaviour_topic, progress=progress)
+        content = read_changelog(kafka, batch.content_topic, progress=progress)
         summary.items = batch.load_items(behaviour, content)
         del behaviour, content
-        wanted = {user_id.encode() for user_id in user_ids}
-        profiles = read_changelog(bootstrap, profiles_topic(config), keys=wanted, progress=progress)
+        # Profiles are kept under the pseudonym when privacy.pseudonymise_user_ids is on.
+        pseudonymiser = pseudonymiser_for(config.privacy)
+        keys = {
+            user_id: (
+                user_id if pseudonymiser is None else pseudonymiser.pseudonym(user_id)
+            ).encode()
+            for user_id in user_ids
+        }
+        profiles = read_changelog(
+            kafka, profiles_topic(config), keys=set(keys.values()), progress=progress
+        )
         batch.start()
         summary.index_versions = {
             "-".join(str(part) for part in key): manager.version
@@ -489,7 +503,9 @@ def recommend_users(
         # One time for every user: the answers of one run are decayed alike.
         now_ms = int(time.time() * 1000)
         for user_id in tqdm(user_ids, desc="users", unit="user", disable=not progress):
-            body = batch.answer(user_id, profiles.get(user_id.encode()), k, now_ms)
+            key = keys[user_id]
+            body = batch.answer(key.decode(), profiles.get(key), k, now_ms)
+            body["user_id"] = user_id
             out.write(orjson.dumps(body) + b"\n")
             summary.users += 1
             summary.cold_start += bool(body.get("cold_start"))

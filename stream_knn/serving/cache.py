@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 __all__ = ["QueryCache"]
@@ -45,6 +45,14 @@ class QueryCache(Generic[V]):
 
     def invalidate(self) -> None:
         self._data.clear()
+
+    def discard_where(self, matches: Callable[[Hashable], bool]) -> int:
+        """Drop every entry whose key ``matches``; returns how many (one pass over the
+        keys: for rare events such as a user's ``forget``)."""
+        gone = [key for key in self._data if matches(key)]
+        for key in gone:
+            del self._data[key]
+        return len(gone)
 
     @property
     def hit_ratio(self) -> float:

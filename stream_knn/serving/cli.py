@@ -46,6 +46,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:
+    from stream_knn.kafka import verify_connection
     from stream_knn.serving.batch import read_user_ids, recommend_users
 
     if args.data_dir is not None:
@@ -56,6 +57,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     if args.k is not None and not 1 <= args.k <= max_k:
         raise ConfigError(f"--k must be an integer in 1..{max_k} (serving.max_k), got {args.k}")
     user_ids = read_user_ids(args.users, config.events.max_id_length)
+    verify_connection(config.kafka)
     progress = not args.no_progress
     if args.output is None:
         summary = recommend_users(config, user_ids, sys.stdout.buffer, k=args.k, progress=progress)

@@ -86,8 +86,8 @@ class EmitGate(Generic[T]):
         self._pending.pop(user_id, None)
         self._last.pop(user_id, None)
 
-    def __contains__(self, user_id: object) -> bool:
-        """Whether the gate keeps anything for ``user_id`` (a last emission or a trigger)."""
+    def holds(self, user_id: str) -> bool:
+        """Whether the gate keeps anything of ``user_id`` (a time or a deferred trigger)."""
         return user_id in self._last or user_id in self._pending
 
     @property

@@ -181,6 +181,14 @@ class RecommendationService(Service):
     def forget_item(self, item_id: str) -> None:
         self.popularity.remove(item_id)
 
+    def forget_users(self, users: Collection[str]) -> None:
+        """Drop what this process holds of ``users`` (``forget`` records): their cached
+        lists and pending self-tuning samples."""
+        self.cache.discard_where(
+            lambda key: isinstance(key, tuple) and key[0] == "user" and key[1] in users
+        )
+        self._shadow = [sample for sample in self._shadow if sample[0].user_id not in users]
+
     def observe(self, event: Any) -> None:
         """Count a user event for popularity and input drift.
 

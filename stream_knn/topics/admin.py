@@ -27,6 +27,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined,unused-ignore]
 )
 
 from stream_knn.errors import BrokerError, TopicSpecError
+from stream_knn.kafka import Connection, kafka_config, librdkafka_settings
 from stream_knn.topics.spec import TopicSpec
 
 __all__ = ["Change", "ChangeKind", "TopicState", "apply_topics", "list_topics", "plan_topics"]
@@ -104,14 +105,14 @@ class TopicState:
 
 
 def list_topics(
-    bootstrap: str, specs: Sequence[TopicSpec], *, timeout: float = _TIMEOUT_SECONDS
+    connection: Connection, specs: Sequence[TopicSpec], *, timeout: float = _TIMEOUT_SECONDS
 ) -> list[TopicState]:
     """How each spec'd topic looks on the broker, and what applying would change.
 
     Parameters
     ----------
-    bootstrap : str
-        Kafka bootstrap servers.
+    connection : KafkaConfig or str
+        The ``[kafka]`` settings, or a bootstrap address (PLAINTEXT).
     specs : sequence of TopicSpec
         The declared topics.
     timeout : float
@@ -122,8 +123,8 @@ def list_topics(
     BrokerError
         When the broker does not answer.
     """
-    admin = _admin(bootstrap)
-    partitions, configs = _observe(admin, bootstrap, specs, timeout)
+    admin = _admin(connection)
+    partitions, configs = _observe(admin, connection, specs, timeout)
     states = []
     for spec in specs:
         current = configs.get(spec.name, {})
@@ -142,7 +143,7 @@ def list_topics(
 
 
 def plan_topics(
-    bootstrap: str, specs: Sequence[TopicSpec], *, timeout: float = _TIMEOUT_SECONDS
+    connection: Connection, specs: Sequence[TopicSpec], *, timeout: float = _TIMEOUT_SECONDS
 ) -> list[Change]:
     """The changes :func:`apply_topics` would make, without making them.
 
@@ -153,7 +154,7 @@ def plan_topics(
     BrokerError
         When the broker does not answer.
     """
-    states = list_topics(bootstrap, specs, timeout=timeout)
+    states = list_topics(connection, specs, timeout=timeout)
     problems = [p for s in states for p in s.problems]
     if problems:
         raise TopicSpecError("; ".join(problems))
@@ -161,7 +162,7 @@ def plan_topics(
 
 
 def apply_topics(
-    bootstrap: str, specs: Sequence[TopicSpec], *, timeout: float = _TIMEOUT_SECONDS
+    connection: Connection, specs: Sequence[TopicSpec], *, timeout: float = _TIMEOUT_SECONDS
 ) -> list[Change]:
     """Create missing topics, grow partitions and reconcile configs to match ``specs``.
 
@@ -171,8 +172,8 @@ def apply_topics(
 
     Parameters
     ----------
-    bootstrap : str
-        Kafka bootstrap servers.
+    connection : KafkaConfig or str
+        The ``[kafka]`` settings, or a bootstrap address (PLAINTEXT).
     specs : sequence of TopicSpec
         The declared topics.
     timeout : float
@@ -190,10 +191,10 @@ def apply_topics(
     BrokerError
         When the broker does not answer.
     """
-    changes = plan_topics(bootstrap, specs, timeout=timeout)
+    changes = plan_topics(connection, specs, timeout=timeout)
     if not changes:
         return []
-    admin = _admin(bootstrap)
+    admin = _admin(connection)
     by_name = {s.name: s for s in specs}
     creates = [
         NewTopic(
@@ -219,11 +220,11 @@ def apply_topics(
         )
     for change in changes:
         logger.debug("topic change: %s", change)
-    _await_visible(bootstrap, specs, timeout)
+    _await_visible(connection, specs, timeout)
     return changes
 
 
-def _await_visible(bootstrap: str, specs: Sequence[TopicSpec], timeout: float) -> None:
+def _await_visible(connection: Connection, specs: Sequence[TopicSpec], timeout: float) -> None:
     """Return once the broker reports the applied state.
 
     The controller accepts a change before every broker's metadata shows it; without this
@@ -232,7 +233,7 @@ def _await_visible(bootstrap: str, specs: Sequence[TopicSpec], timeout: float) -
     """
     deadline = time.monotonic() + timeout
     while True:
-        pending = [c for s in list_topics(bootstrap, specs, timeout=timeout) for c in s.pending]
+        pending = [c for s in list_topics(connection, specs, timeout=timeout) for c in s.pending]
         if not pending:
             return
         if time.monotonic() > deadline:
@@ -245,24 +246,25 @@ def _await_visible(bootstrap: str, specs: Sequence[TopicSpec], timeout: float) -
         time.sleep(_VISIBLE_POLL_SECONDS)
 
 
-def _admin(bootstrap: str) -> AdminClient:
+def _admin(connection: Connection) -> AdminClient:
     # librdkafka's own log lines go through our logger tree instead of raw stderr.
     settings: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
+        **librdkafka_settings(connection),
         "logger": logging.getLogger(f"{__name__}.librdkafka"),
     }
     return AdminClient(settings)
 
 
 def _observe(
-    admin: AdminClient, bootstrap: str, specs: Sequence[TopicSpec], timeout: float
+    admin: AdminClient, connection: Connection, specs: Sequence[TopicSpec], timeout: float
 ) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
     """Partition counts and config entries of the spec'd topics that exist."""
     try:
         metadata = admin.list_topics(timeout=timeout)
     except KafkaException as exc:
         raise BrokerError(
-            f"cannot reach Kafka at {bootstrap}: {_reason(exc)}; start a local broker with "
+            f"cannot reach Kafka at {kafka_config(connection).bootstrap_servers}: "
+            f"{_reason(exc)}; start a local broker with "
             "`stream-knn broker start` or set kafka.bootstrap_servers"
         ) from None
     wanted = {s.name for s in specs}

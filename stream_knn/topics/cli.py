@@ -7,6 +7,7 @@ from pathlib import Path
 
 from stream_knn.config import Config
 from stream_knn.errors import TopicSpecError
+from stream_knn.kafka import verify_connection
 from stream_knn.topics.admin import apply_topics, list_topics, plan_topics
 from stream_knn.topics.spec import TopicSpec, load_spec, load_specs, resolve_topics_dir
 
@@ -48,7 +49,8 @@ def _specs(args: argparse.Namespace, config: Config) -> list[TopicSpec]:
 def _apply(args: argparse.Namespace, config: Config) -> int:
     bootstrap = config.kafka.bootstrap_servers
     specs = _specs(args, config)
-    changes = (plan_topics if args.dry_run else apply_topics)(bootstrap, specs)
+    verify_connection(config.kafka)
+    changes = (plan_topics if args.dry_run else apply_topics)(config.kafka, specs)
     prefix = "would " if args.dry_run else ""
     for change in changes:
         print(f"{prefix}{change}")
@@ -58,7 +60,9 @@ def _apply(args: argparse.Namespace, config: Config) -> int:
 
 
 def _list(args: argparse.Namespace, config: Config) -> int:
-    states = list_topics(config.kafka.bootstrap_servers, _specs(args, config))
+    specs = _specs(args, config)
+    verify_connection(config.kafka)
+    states = list_topics(config.kafka, specs)
     rows = [("TOPIC", "EXISTS", "PARTITIONS", "CLEANUP", "RETENTION_MS", "STATE")]
     for state in states:
         spec = state.spec

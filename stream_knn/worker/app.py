@@ -18,6 +18,7 @@ Data flow per worker (1..N processes in one consumer group ``worker.app_id``):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import math
@@ -48,6 +49,7 @@ from stream_knn.embeddings.profile import UserProfile
 from stream_knn.embeddings.sketch import ItemState, RandomIndexing
 from stream_knn.errors import DimensionError
 from stream_knn.events.producer import TokenBucket
+from stream_knn.events.pseudonym import pseudonymiser_for
 from stream_knn.events.schema import (
     CatalogRecord,
     DlqRecord,
@@ -57,6 +59,7 @@ from stream_knn.events.schema import (
     parse_request,
     parse_user_event,
 )
+from stream_knn.kafka import faust_settings
 from stream_knn.logs import RecentProblems
 from stream_knn.metrics.history import MetricHistory, read_registry
 from stream_knn.metrics.registry import Metrics, observe_many
@@ -109,7 +112,7 @@ def _list_record(
 ) -> bytes:
     """The ``recommendations`` record of a list sent for event ``ev``."""
     record: dict[str, Any] = {
-        "user_id": ev.user_id,
+        "user_id": ev.output_user_id,
         # Six decimals: floor(x + 0.5) of the scaled score, a third of round(s, 6)'s cost
         # (the division by 1e6 gives the double nearest the six-decimal number).
         "items": [{"item_id": i, "score": math.floor(s * 1e6 + 0.5) / 1e6} for i, s in rec.items],
@@ -295,7 +298,7 @@ class WorkerApp:
     def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self.registry = registry or CollectorRegistry()
-        self.metrics = Metrics(self.registry)
+        self.metrics = Metrics(self.registry, [v.name for v in config.serving.variants])
         w, k = config.worker, config.kafka
         self.data_dir = Path(w.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -310,6 +313,13 @@ class WorkerApp:
         rate = config.serving.tuning_max_samples_per_second
         self.tuning_budget = TokenBucket(rate, capacity=rate)
         self.replica = VectorReplica(config, self.service)
+        #: Pseudonyms of user ids (``privacy.pseudonymise_user_ids``), or None.
+        self.pseudonymiser = pseudonymiser_for(config.privacy)
+        if self.pseudonymiser is not None and config.events.dlq_raw == "full":
+            logger.warning(
+                "user ids are pseudonymised but dead letters keep raw values, ids included "
+                "(events.dlq_raw = 'full'); set it to 'truncated' or 'none'"
+            )
         #: Last list per user, as a tuple of ids: a tuple of strings leaves the garbage
         #: collector's tracking, a set never does (200k of them made every full collection
         #: longer).
@@ -346,7 +356,7 @@ class WorkerApp:
 
         app = _App(
             w.app_id,
-            broker=f"kafka://{k.bootstrap_servers}",
+            **faust_settings(k),
             store="rocksdb://",
             datadir=str(self.data_dir / "faust"),
             web_enabled=True,
@@ -425,6 +435,15 @@ class WorkerApp:
     # -- helpers -------------------------------------------------------------------------
 
     def _send_dlq(self, record: DlqRecord) -> None:
+        if (
+            self.pseudonymiser is not None
+            and record.key
+            and record.topic in (self.user_events.get_topic_name(), self.requests.get_topic_name())
+        ):
+            # Keyed by user id: the dead letter (and the log line) carry its pseudonym.
+            record = dataclasses.replace(
+                record, key=self.pseudonymiser.of_bytes(record.key).encode()
+            )
         self.metrics.dlq.labels(record.reason).inc()
         logger.warning(
             "dead-lettered %s[%s]@%s: %s (%s)",
@@ -441,7 +460,7 @@ class WorkerApp:
                 "reason": record.reason,
             },
         )
-        self.output.send(self.dlq_topic, record.key, record.to_value())
+        self.output.send(self.dlq_topic, record.key, record.to_value(self.config.events.dlq_raw))
 
     def _note_online_hit(self, user_id: str, item_id: str, variant: str) -> None:
         last = self.last_lists.get(user_id)
@@ -481,6 +500,7 @@ class WorkerApp:
         self, messages: list[BatchMessage]
     ) -> tuple[list[tuple[int, float, UserEvent]], list[DlqRecord]]:
         cfg = self.config.events
+        pseudonym = None if self.pseudonymiser is None else self.pseudonymiser.pseudonym
         valid: list[tuple[int, float, UserEvent]] = []
         bad: list[DlqRecord] = []
         for message in messages:
@@ -493,6 +513,7 @@ class WorkerApp:
                     offset=record.offset,
                     key=record.key,
                     broker_ts_ms=record.timestamp,
+                    pseudonym=pseudonym,
                 )
                 if isinstance(parsed, DlqRecord):
                     bad.append(parsed)
@@ -545,10 +566,8 @@ class WorkerApp:
         stored = self._read_profiles(partition_of)
         learned = learn_user_events((ev for _, _, ev in valid), stored, self.config.model)
 
-        for user in learned.forgotten:
-            self.last_lists.pop(user, None)
-            self.gate.drop(user)
-            self.latest_profiles.pop(user, None)
+        if learned.forgotten:
+            self._forget_users(learned.forgotten, [ev for _, _, ev in valid])
         assign = self.service.assigner.assign
         observe = self.service.observe
         offer = self.gate.offer
@@ -604,6 +623,20 @@ class WorkerApp:
         if valid:
             metrics.processing_latency.observe((time.perf_counter() - started) / len(valid))
 
+    def _forget_users(self, users: list[str], events: list[UserEvent]) -> None:
+        """Drop every trace this process keeps of ``users`` (``forget`` records; their
+        profiles are deleted with the batch's state): last lists, the emit gate, deferred
+        profiles, cached lists, pending tuning samples, the pseudonym cache."""
+        for user in users:
+            self.last_lists.pop(user, None)
+            self.gate.drop(user)
+            self.latest_profiles.pop(user, None)
+        self.service.forget_users(set(users))
+        if self.pseudonymiser is not None:
+            for ev in events:
+                if ev.event_type == "forget" and ev.sent_user_id is not None:
+                    self.pseudonymiser.forget(ev.sent_user_id)
+
     def _read_profiles(self, partition_of: dict[str, int]) -> dict[str, UserProfile | None]:
         users_by_partition: dict[int, list[str]] = {}
         for user, partition in partition_of.items():
@@ -644,7 +677,10 @@ class WorkerApp:
         records: list[tuple[bytes, bytes]] = []
         for (ev, _, _), rec, variant in zip(due, lists, variants, strict=True):
             records.append(
-                (ev.user_id.encode(), _list_record(ev, variant.k, variant.name, rec, emitted_ms))
+                (
+                    ev.output_user_id.encode(),
+                    _list_record(ev, variant.k, variant.name, rec, emitted_ms),
+                )
             )
             remember(ev.user_id, rec.items)
             sent[variant.name] += 1
@@ -707,7 +743,7 @@ class WorkerApp:
             )
 
     def _has_user_state(self, user: str) -> bool:
-        return user in self.last_lists or user in self.gate or user in self.latest_profiles
+        return user in self.last_lists or self.gate.holds(user) or user in self.latest_profiles
 
     async def _on_item_updates(self, stream: Any) -> None:
         """Apply item updates in whole fetched batches, one read and write per item."""
@@ -845,12 +881,23 @@ class WorkerApp:
     ) -> dict[str, Any]:
         """The JSON body of an on-demand answer (Kafka request or HTTP)."""
         profile = None
+        stored_as = user_id
         if user_id is not None:
-            raw_profile = self.profiles.get(user_id.encode())
+            stored_as = self.user_key(user_id)
+            raw_profile = self.profiles.get(stored_as.encode())
             profile = UserProfile.from_bytes(raw_profile) if raw_profile else None
-        return self.service.answer(
-            user_id=user_id, profile=profile, item_id=item_id, k=k, now_ms=now_ms, trigger=trigger
+        body = self.service.answer(
+            user_id=stored_as, profile=profile, item_id=item_id, k=k, now_ms=now_ms, trigger=trigger
         )
+        if user_id is not None:
+            body["user_id"] = user_id  # the id as asked, whatever state is kept under
+        return body
+
+    def user_key(self, user_id: str) -> str:
+        """The id ``user_id``'s state is kept under: its pseudonym, or itself."""
+        if self.pseudonymiser is None:
+            return user_id
+        return self.pseudonymiser.of_bytes(user_id.encode())
 
     # -- background ------------------------------------------------------------------------
 

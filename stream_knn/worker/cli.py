@@ -41,6 +41,12 @@ def register(sub: Any) -> None:
     )
     status.add_argument("--json", action="store_true", help="print the /status documents")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds per worker (5)")
+    status.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="the workers' HTTP token (default: worker.http_token, e.g. from "
+        "STREAM_KNN_HTTP_TOKEN or worker.http_token_file)",
+    )
     status.set_defaults(func=_status)
 
 
@@ -57,10 +63,13 @@ _GC_GEN0_THRESHOLD = 20_000
 def _status(args: argparse.Namespace, config: Config) -> int:
     import orjson
 
+    from stream_knn.config import read_secret
     from stream_knn.worker.status import fetch_statuses, format_status
 
     urls = args.url or [f"http://{config.worker.web_host}:{config.worker.web_port}"]
-    answers, failed = fetch_statuses(urls, not args.no_members, args.timeout)
+    w = config.worker
+    token = args.token or read_secret("worker.http_token", w.http_token, w.http_token_file)
+    answers, failed = fetch_statuses(urls, not args.no_members, args.timeout, token)
     if args.json:
         print(orjson.dumps(answers, option=orjson.OPT_INDENT_2).decode())
     else:
@@ -76,6 +85,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     from faust import Worker
     from threadpoolctl import threadpool_limits
 
+    from stream_knn.kafka import verify_connection
     from stream_knn.worker.app import create_app
 
     threadpool_limits(limits=_BLAS_THREADS, user_api="blas")
@@ -87,6 +97,9 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         changes["data_dir"] = args.data_dir
     if changes:
         config = dataclasses.replace(config, worker=dataclasses.replace(config.worker, **changes))
+    # Refused credentials or certificates stop here, with one message, instead of
+    # Faust's clients retrying (and printing stack traces) forever.
+    verify_connection(config.kafka)
     worker_app = create_app(config)
     print(
         f"stream-knn worker {config.worker.app_id}: broker {config.kafka.bootstrap_servers}, "

@@ -18,6 +18,7 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from stream_knn.config import KafkaConfig
 from stream_knn.errors import StreamKnnError
+from stream_knn.kafka import librdkafka_settings
 
 __all__ = ["DeliveryError", "OutputProducer"]
 
@@ -34,7 +35,7 @@ class OutputProducer:
     def __init__(self, config: KafkaConfig) -> None:
         self._producer = Producer(
             {
-                "bootstrap.servers": config.bootstrap_servers,
+                **librdkafka_settings(config),
                 # No linger: the worker waits for delivery once per batch, and records
                 # produced in one pass still share requests while one is in flight
                 # (1 ms of linger was most of the 2.7 ms median wait per batch).

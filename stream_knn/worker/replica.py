@@ -29,6 +29,7 @@ from stream_knn.embeddings.codec import decode_vector
 from stream_knn.embeddings.projection import Projection, SketchProjector
 from stream_knn.embeddings.sketch import ItemState
 from stream_knn.errors import DimensionError
+from stream_knn.kafka import librdkafka_settings
 from stream_knn.serving.service import RecommendationService
 
 __all__ = ["Record", "VectorReplica"]
@@ -172,7 +173,7 @@ class VectorReplica:
         # ours waits on it: the event loop only applies whole batches (with aiokafka on the
         # loop, fetching and decoding these records cost as much as applying them).
         settings = {
-            "bootstrap.servers": cfg.kafka.bootstrap_servers,
+            **librdkafka_settings(cfg.kafka),
             "group.id": f"{cfg.worker.app_id}-vector-replica",  # assigned, never joined
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,

@@ -383,18 +383,22 @@ def format_status(
 # -- fetching ---------------------------------------------------------------------------
 
 
-def _get_status(url: str, timeout: float) -> dict[str, Any]:
-    with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=timeout) as response:
+def _get_status(url: str, timeout: float, token: str) -> dict[str, Any]:
+    request = urllib.request.Request(url.rstrip("/") + "/status")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         body: dict[str, Any] = orjson.loads(response.read())
     return body
 
 
 def fetch_statuses(
-    urls: Iterable[str], follow_members: bool = True, timeout: float = 5.0
+    urls: Iterable[str], follow_members: bool = True, timeout: float = 5.0, token: str = ""
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """``/status`` of each worker of ``urls`` and, with ``follow_members``, of every other
     member of their consumer group that they report (Faust shares each member's web URL in
-    the group's assignment); returns the answers and the ``(url, error)`` of the others."""
+    the group's assignment); returns the answers and the ``(url, error)`` of the others.
+    ``token`` is sent as the bearer token (``worker.http_token``) when set."""
     pending = [u.rstrip("/") for u in urls]
     seen: set[str] = set()
     answers: list[dict[str, Any]] = []
@@ -405,9 +409,10 @@ def fetch_statuses(
             continue
         seen.add(url)
         try:
-            status = _get_status(url, timeout)
+            status = _get_status(url, timeout, token)
         except urllib.error.HTTPError as exc:
-            failed.append((url, f"HTTP {exc.code}"))
+            hint = " (the worker wants its token: --token or worker.http_token)"
+            failed.append((url, f"HTTP {exc.code}{hint if exc.code == 401 else ''}"))
             continue
         except (OSError, ValueError) as exc:  # refused, timed out, not JSON
             failed.append((url, str(getattr(exc, "reason", exc))))

@@ -22,7 +22,7 @@ from faust.types import TP
 
 from stream_knn.worker.output import OutputProducer
 
-__all__ = ["BatchTable"]
+__all__ = ["BatchTable", "MemoryTable"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,10 @@ class BatchTable:
         topic = self.changelog_topic
         send = self.output.send
         for key, value in values.items():
-            key_index[key] = partition
+            if value is None:
+                key_index.pop(key, None)  # a deleted key leaves no trace in the process
+            else:
+                key_index[key] = partition
             send(topic, key, value, partition=partition, on_offset=self._on_offset)
 
     def _on_offset(self, partition: int, offset: int) -> None:
@@ -98,3 +101,26 @@ class BatchTable:
         topic = self.changelog_topic
         for partition, offset in delivered.items():
             store.set_persisted_offset(TP(topic, partition), offset)
+
+
+class MemoryTable:
+    """:class:`BatchTable`'s reads and writes on dicts (partition -> key -> value): the
+    worker's batch path without RocksDB or a changelog, for tests and benchmarks."""
+
+    def __init__(self) -> None:
+        self.data: dict[int, dict[bytes, bytes]] = {}
+
+    def get_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
+        part = self.data.get(partition, {})
+        return [part.get(key) for key in keys]
+
+    def write(self, partition: int, values: Mapping[bytes, bytes | None]) -> None:
+        part = self.data.setdefault(partition, {})
+        for key, value in values.items():
+            if value is None:
+                part.pop(key, None)
+            else:
+                part[key] = value
+
+    def persist_offsets(self) -> None:
+        """Nothing to persist: there is no changelog."""

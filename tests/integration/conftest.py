@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -12,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,24 +21,46 @@ import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from stream_knn.broker.local import LocalBroker
+from stream_knn.broker.secure import (
+    APP_USER,
+    Pki,
+    app_acls,
+    client_env,
+    create_acls,
+    secret_file,
+    upsert_users,
+)
+from stream_knn.config import BrokerConfig, Config, load_config
+from stream_knn.errors import BrokerError
+from stream_knn.kafka import librdkafka_settings
+from tests.conftest import free_port as _free_port
+from tests.conftest import unavailable, warm_up
+
 TOPIC_ROLES = ("user_events", "item_catalog", "recommendations", "requests", "dlq")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return _free_port()
 
 
 @dataclass
 class WorkerEnv:
-    """Unique topics, app id, data dir and port for one worker deployment under test."""
+    """Unique topics, app id, data dir and port for one worker deployment under test.
+
+    ``client`` holds the librdkafka security settings of the test's own clients (topics,
+    produce, consume; empty: PLAINTEXT), ``admin`` those of a super user for topic
+    creation (default: ``client``), ``headers`` what :meth:`get` sends (a bearer token).
+    """
 
     bootstrap: str
     data_dir: Path
     suffix: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     web_port: int = field(default_factory=free_port)
     extra: dict[str, str] = field(default_factory=dict)
+    client: dict[str, Any] = field(default_factory=dict)
+    admin: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def topics(self) -> dict[str, str]:
@@ -67,8 +88,12 @@ class WorkerEnv:
         env.update(self.extra)
         return env
 
+    def settings(self, **more: Any) -> dict[str, Any]:
+        """librdkafka settings of a test client of this deployment."""
+        return {"bootstrap.servers": self.bootstrap, **self.client, **more}
+
     def create_topics(self) -> None:
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        admin = AdminClient(self.admin or self.settings())
         futures = admin.create_topics(
             [
                 NewTopic(name, num_partitions=4, replication_factor=1)
@@ -81,9 +106,12 @@ class WorkerEnv:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.web_port}{path}"
 
-    def get(self, path: str) -> tuple[int, Any]:
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        request = urllib.request.Request(
+            self.url(path), headers=self.headers if headers is None else headers
+        )
         try:
-            with urllib.request.urlopen(self.url(path), timeout=10) as resp:
+            with urllib.request.urlopen(request, timeout=10) as resp:
                 body = resp.read()
                 status = resp.status
         except urllib.error.HTTPError as exc:
@@ -96,14 +124,12 @@ class WorkerEnv:
 
     def feed(self, topic_role: str, records: list[tuple[bytes, bytes]], rate: int) -> Feeder:
         """Start producing ``records`` at about ``rate`` per second in the background."""
-        feeder = Feeder(self.bootstrap, self.topics[topic_role], records, rate)
+        feeder = Feeder(self.settings(), self.topics[topic_role], records, rate)
         feeder.start()
         return feeder
 
     def produce(self, topic_role: str, records: list[tuple[bytes | None, bytes | None]]) -> None:
-        producer = Producer(
-            {"bootstrap.servers": self.bootstrap, "partitioner": "murmur2_random", "linger.ms": 5}
-        )
+        producer = Producer(self.settings(partitioner="murmur2_random", **{"linger.ms": 5}))
         errors: list[Any] = []
         for key, value in records:
             producer.produce(
@@ -119,12 +145,14 @@ class WorkerEnv:
         self, topic_role: str, expected: int, timeout_s: float = 60.0
     ) -> list[tuple[bytes | None, Any]]:
         consumer = Consumer(
-            {
-                "bootstrap.servers": self.bootstrap,
-                "group.id": f"test-{uuid.uuid4().hex}",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-            }
+            self.settings(
+                **{
+                    # A group the deployment's principal may use (secured brokers).
+                    "group.id": f"stream-knn-test-{uuid.uuid4().hex}",
+                    "auto.offset.reset": "earliest",
+                    "enable.auto.commit": False,
+                }
+            )
         )
         consumer.subscribe([self.topics[topic_role]])
         out: list[tuple[bytes | None, Any]] = []
@@ -151,10 +179,16 @@ class Feeder(threading.Thread):
     a worker died or rebuilt); delivery errors are collected in ``errors``."""
 
     def __init__(
-        self, bootstrap: str, topic: str, records: list[tuple[bytes, bytes]], rate: int
+        self,
+        settings: str | dict[str, Any],
+        topic: str,
+        records: list[tuple[bytes, bytes]],
+        rate: int,
     ) -> None:
+        """``settings``: a bootstrap address, or librdkafka settings."""
         super().__init__(name="feeder", daemon=True)
-        self.bootstrap, self.topic, self.records, self.rate = bootstrap, topic, records, rate
+        self.settings = {"bootstrap.servers": settings} if isinstance(settings, str) else settings
+        self.topic, self.records, self.rate = topic, records, rate
         self.errors: list[Any] = []
         self.stopping = threading.Event()
 
@@ -163,9 +197,7 @@ class Feeder(threading.Thread):
         self.stopping.set()
 
     def run(self) -> None:
-        producer = Producer(
-            {"bootstrap.servers": self.bootstrap, "partitioner": "murmur2_random", "linger.ms": 5}
-        )
+        producer = Producer({**self.settings, "partitioner": "murmur2_random", "linger.ms": 5})
         chunk = max(1, self.rate // 10)
         for start in range(0, len(self.records), chunk):
             if self.stopping.is_set():
@@ -259,3 +291,78 @@ def run_worker(worker_env: WorkerEnv, tmp_path: Path) -> Iterator[Any]:
     yield _start
     for proc in started:
         proc.stop()
+
+
+# -- a secured broker: SASL_SSL (SCRAM, PLAIN), mutual TLS, the standard authorizer --------
+
+
+@dataclass
+class SecureKafka:
+    """The session's secured local broker (:mod:`stream_knn.broker.secure`).
+
+    ``bootstrap`` is its SASL_SSL listener, ``ssl_bootstrap`` its mutual-TLS one;
+    ``admin`` are the settings of a super user (the broker's own certificate).
+    """
+
+    broker: LocalBroker
+    bootstrap: str
+    ssl_bootstrap: str
+    pki: Pki
+
+    @property
+    def admin(self) -> dict[str, Any]:
+        return dict(self.broker.admin_settings())
+
+    def add_user(self, name: str) -> Path:
+        """A SCRAM user (SHA-256 and -512) with a random password; its password file."""
+        path = secret_file(self.pki.password_file(name))
+        upsert_users(self.admin, {name: path.read_text().strip()})
+        return path
+
+    def grant(self, config: Config, principal: str = f"User:{APP_USER}") -> None:
+        """The ACLs of ``config``'s deployment (its topics, groups) for ``principal``."""
+        create_acls(self.admin, app_acls(config, principal))
+
+    def env(self, user: str = APP_USER, mechanism: str = "SCRAM-SHA-512") -> dict[str, str]:
+        """``STREAM_KNN_*`` settings of a client that is ``user`` on the SASL_SSL listener."""
+        env = client_env(self.pki, self.bootstrap, user)
+        env["STREAM_KNN_KAFKA__SASL_MECHANISM"] = mechanism
+        return env
+
+    def client(self, user: str = APP_USER, mechanism: str = "SCRAM-SHA-512") -> dict[str, Any]:
+        """librdkafka settings of the same client, built by stream-knn's own builder."""
+        env = {k: v for k, v in self.env(user, mechanism).items()}
+        return librdkafka_settings(load_config(environ=env).kafka)
+
+
+@pytest.fixture(scope="session")
+def secure_kafka(
+    tmp_path_factory: pytest.TempPathFactory, require_tool: Callable[[str], str]
+) -> Iterator[SecureKafka]:
+    """One secured broker for every secured test of the session (started on free ports;
+    its certificates are made with openssl)."""
+    require_tool("openssl")
+    ports = set()
+    while len(ports) < 3:
+        ports.add(free_port())
+    port, ssl_port, controller_port = sorted(ports)
+    config = BrokerConfig(
+        port=port,
+        ssl_port=ssl_port,
+        controller_port=controller_port,
+        data_dir=tmp_path_factory.mktemp("secure-broker"),
+        heap="512m",
+        start_timeout_seconds=180.0,
+    )
+    broker = LocalBroker(config, stop_with_parent=True, secure=True)
+    try:
+        bootstrap = broker.start()
+    except BrokerError as exc:
+        broker.stop()  # launched, maybe, before the step that failed
+        unavailable(f"the secured local broker did not start: {exc}")
+    try:
+        assert broker.pki is not None
+        warm_up(broker.admin_settings())
+        yield SecureKafka(broker, bootstrap, f"127.0.0.1:{ssl_port}", broker.pki)
+    finally:
+        broker.stop()
