@@ -382,8 +382,9 @@ class WorkerConfig:
     data_dir: Path = Path("var")
     web_host: str = "127.0.0.1"
     web_port: int = 6066
-    #: Partitions of the worker's internal topics (changelogs, repartition topics).
-    partitions: int = 4
+    #: Partitions of the worker's internal topics (changelogs, repartition topics): the
+    #: same as the input topics' (12 by default: up to 12 workers share the work).
+    partitions: int = 12
     #: /health fails after the broker has been unreachable this long.
     broker_timeout_seconds: float = 30.0
     #: Consumer-group session timeout: how soon a dead worker's partitions move on.

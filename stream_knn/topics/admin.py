@@ -7,6 +7,7 @@ remove partitions, so a spec with fewer partitions than its topic is an error, n
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,16 @@ from stream_knn.errors import BrokerError, TopicSpecError
 from stream_knn.kafka import Connection, kafka_config, librdkafka_settings
 from stream_knn.topics.spec import TopicSpec
 
-__all__ = ["Change", "ChangeKind", "TopicState", "apply_topics", "list_topics", "plan_topics"]
+__all__ = [
+    "Change",
+    "ChangeKind",
+    "TopicState",
+    "apply_topics",
+    "growth_note",
+    "list_topics",
+    "moved_key_share",
+    "plan_topics",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +79,41 @@ class Change:
         if self.kind == "delete_config":
             return f"reset {self.topic} {self.name}: {self.old} -> (broker default)"
         return f"set {self.topic} {self.name}: {self.old} -> {self.new}"
+
+
+def moved_key_share(old: int, new: int) -> float:
+    """The share of keys whose partition changes when a topic grows from ``old`` to ``new``
+    partitions (Kafka's default partitioner: hash modulo the partition count).
+
+    >>> moved_key_share(4, 12)  # a key stays only if its hash mod 12 is below 4
+    0.6666666666666666
+    >>> moved_key_share(4, 4)
+    0.0
+    """
+    span = math.lcm(old, new)
+    return sum(h % old != h % new for h in range(span)) / span
+
+
+def growth_note(change: Change, key: str, state_partitions: int) -> str:
+    """What growing a keyed input topic that the worker keeps state for does, for people.
+
+    The note of ``stream-knn topics apply`` after an ``add_partitions`` change.
+    """
+    old, new = int(change.old or 0), int(change.new or 0)
+    share = moved_key_share(old, new) if old else 0.0
+    return (
+        f"  note: {change.topic} is keyed ({key}). Kafka moves no records: what is in the "
+        f"topic stays in its {old} partitions, and from now on a key goes to "
+        f"hash(key) % {new}: {share:.0%} of keys change partition. Order per key holds "
+        "only within a partition, so until the older records are consumed a moved key's "
+        "old and new records are read by different workers, in any order. The worker's "
+        f"state follows the input partitions (tables and changelogs of worker.partitions = "
+        f"{state_partitions}): a moved user's profile stays behind in its old partition "
+        "and the user starts afresh in the new one. To grow without losing state: stop "
+        f"the workers, grow the topics, set worker.partitions to {new} and start the "
+        "workers under a new worker.app_id, so their tables are rebuilt from the topics "
+        "(the input's retention decides how much history is learned again)."
+    )
 
 
 @dataclass(frozen=True)

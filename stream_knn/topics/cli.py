@@ -8,7 +8,7 @@ from pathlib import Path
 from stream_knn.config import Config
 from stream_knn.errors import TopicSpecError
 from stream_knn.kafka import verify_connection
-from stream_knn.topics.admin import apply_topics, list_topics, plan_topics
+from stream_knn.topics.admin import apply_topics, growth_note, list_topics, plan_topics
 from stream_knn.topics.spec import TopicSpec, load_spec, load_specs, resolve_topics_dir
 
 __all__ = ["register"]
@@ -52,8 +52,13 @@ def _apply(args: argparse.Namespace, config: Config) -> int:
     verify_connection(config.kafka)
     changes = (plan_topics if args.dry_run else apply_topics)(config.kafka, specs)
     prefix = "would " if args.dry_run else ""
+    # The keyed inputs the worker keeps state for, partition by partition.
+    stateful = {config.kafka.user_events_topic, config.kafka.item_catalog_topic}
+    keys = {spec.name: spec.key for spec in specs}
     for change in changes:
         print(f"{prefix}{change}")
+        if change.kind == "add_partitions" and change.topic in stateful:
+            print(growth_note(change, keys[change.topic], config.worker.partitions))
     if not changes:
         print(f"no changes ({len(specs)} topics match their specs at {bootstrap})")
     return 0

@@ -22,6 +22,7 @@ import dataclasses
 import gc
 import logging
 import math
+import socket
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
@@ -67,6 +68,13 @@ from stream_knn.metrics.resources import index_version_sizes, table_sizes
 from stream_knn.serving.coalesce import EmitGate
 from stream_knn.serving.recommender import ListRequest, Recommendation
 from stream_knn.serving.service import RecommendationService
+from stream_knn.worker.catalog_owner import (
+    STATE_KEY,
+    forwarded,
+    read_forwarded,
+    read_last_state,
+    state_record,
+)
 from stream_knn.worker.consumer import BatchMessage, SeekSafeConsumer
 from stream_knn.worker.output import OutputProducer
 from stream_knn.worker.ownership import UserPartitions
@@ -108,7 +116,7 @@ _Due = tuple[UserEvent, UserProfile, float]
 
 
 def _list_record(
-    ev: UserEvent, k: int, variant: str, rec: Recommendation, emitted_ms: int
+    ev: UserEvent, k: int, variant: str, rec: Recommendation, emitted_ms: int, worker: str
 ) -> bytes:
     """The ``recommendations`` record of a list sent for event ``ev``."""
     record: dict[str, Any] = {
@@ -123,6 +131,7 @@ def _list_record(
         "event_id": ev.event_id,
         "event_ts": ev.ts_ms,
         "emitted_ts": emitted_ms,
+        "worker": worker,
     }
     if rec.fallback:
         record["fallback"] = rec.fallback
@@ -303,6 +312,8 @@ class WorkerApp:
         self.data_dir = Path(w.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.started_at = time.time()
+        #: Named in every list and answer: which worker computed it (host and web port).
+        self.worker_id = f"{socket.gethostname()}:{w.web_port}"
         self.broker_ok_at = time.time()
 
         self.sketch = RandomIndexing(
@@ -342,9 +353,7 @@ class WorkerApp:
         self.online_hits: dict[str, list[int]] = {}
         #: Stored item states of another layout replaced by fresh ones (see _stored_item).
         self.replaced_states = 0
-        self.catalog_features = CatalogFeatures(
-            config.model.dims, config.model.pca, config.model.pca_warmup_items, config.model.seed
-        )
+        self.catalog_features = self._fresh_catalog_features()
         #: The last warnings and errors logged (dashboard, ``stream-knn status``).
         self.problems = RecentProblems().attach()
         #: Rates and latency percentiles of the last minutes, for the dashboard page.
@@ -405,12 +414,22 @@ class WorkerApp:
             "value_type": bytes,
             "options": {"driver": "rocksdict"},
         }
+        #: The catalog's single owner (see :mod:`stream_knn.worker.catalog_owner`).
+        self.catalog_ordered = app.topic(
+            f"{w.app_id}-catalog-ordered", partitions=1, internal=True, **raw
+        )
+        self.catalog_state_topic = app.topic(
+            f"{w.app_id}-catalog-features", partitions=1, internal=True, compacting=True, **raw
+        )
+        #: Ordered offset the catalog statistics cover; None until loaded by this owner.
+        self._catalog_covered: int | None = None
         self.profiles = app.Table("user-profiles", default=None, **table_opts)
         self.items = app.Table("item-vectors", default=None, **table_opts)
         self.contents = app.Table("item-contents", default=None, **table_opts)
         # Profiles and item states are written in batches past Faust's per-key path.
         self.profile_store = BatchTable(self.profiles, self.output)
         self.item_store = BatchTable(self.items, self.output)
+        self.content_store = BatchTable(self.contents, self.output)
         app.batch_topics = frozenset(
             {self.user_events.get_topic_name(), self.item_updates.get_topic_name()}
         )
@@ -420,6 +439,7 @@ class WorkerApp:
         app.agent(self.user_events, name="user-events")(self._on_user_events)
         app.agent(self.item_updates, name="item-updates")(self._on_item_updates)
         app.agent(self.catalog, name="item-catalog")(self._on_catalog)
+        app.agent(self.catalog_ordered, name="catalog-ordered")(self._on_catalog_ordered)
         app.agent(self.requests, name="requests")(self._on_requests)
         app.task(self._run_replica)
         app.timer(1.0)(self._refresh_gauges)
@@ -674,12 +694,13 @@ class WorkerApp:
         emitted_s = emitted_ms / 1000.0
         sent: Counter[str] = Counter()
         remember = self._remember_list
+        worker = self.worker_id
         records: list[tuple[bytes, bytes]] = []
         for (ev, _, _), rec, variant in zip(due, lists, variants, strict=True):
             records.append(
                 (
                     ev.output_user_id.encode(),
-                    _list_record(ev, variant.k, variant.name, rec, emitted_ms),
+                    _list_record(ev, variant.k, variant.name, rec, emitted_ms, worker),
                 )
             )
             remember(ev.user_id, rec.items)
@@ -725,14 +746,17 @@ class WorkerApp:
         self._held = [(min(release_at, now), future) for release_at, future in self._held]
         await self._emit_deferred(self.gate.due_all(now), now)
         if revoked:
-            logger.info("partitions revoked: %d; deferred lists delivered", len(revoked))
+            # Machine-read by the multi-worker test: from here on, no list of this worker.
+            logger.info("ownership: user-events partitions [] from %.3f", time.time())
 
     def _keep_only(self, assigned: set[TP]) -> None:
-        """Drop the process state of users whose input partition is no longer assigned."""
+        """Drop the process state of users whose input partition is no longer assigned;
+        the catalog statistics are loaded again by their next owner."""
+        self._catalog_covered = None
         topic = self.user_events.get_topic_name()
-        users = self.user_partitions.drop_except(
-            {tp.partition for tp in assigned if tp.topic == topic}
-        )
+        owned = {tp.partition for tp in assigned if tp.topic == topic}
+        logger.info("ownership: user-events partitions %s from %.3f", sorted(owned), time.time())
+        users = self.user_partitions.drop_except(owned)
         for user in users:
             self.last_lists.pop(user, None)
             self.gate.drop(user)
@@ -741,6 +765,10 @@ class WorkerApp:
             logger.info(
                 "state of %d users dropped: their partitions moved to other workers", len(users)
             )
+
+    def _fresh_catalog_features(self) -> CatalogFeatures:
+        m = self.config.model
+        return CatalogFeatures(m.dims, m.pca, m.pca_warmup_items, m.seed)
 
     def _has_user_state(self, user: str) -> bool:
         return user in self.last_lists or self.gate.holds(user) or user in self.latest_profiles
@@ -809,34 +837,94 @@ class WorkerApp:
                 )
             return None
 
+    def _parse_catalog(self, raw: bytes | None, event: Any) -> CatalogRecord | DlqRecord:
+        """``raw``, a catalog record carried by ``event``, parsed with its coordinates."""
+        message = event.message
+        return parse_catalog_record(
+            raw,
+            config=self.config.events,
+            dims=self.config.model.dims,
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            key=event.key,
+        )
+
     async def _on_catalog(self, stream: Any) -> None:
-        dims = self.config.model.dims
         async for event in stream.events():
             message = event.message
             self.last_consumed[(message.topic, message.partition)] = message.timestamp
-            parsed = parse_catalog_record(
-                event.value,
-                config=self.config.events,
-                dims=dims,
-                topic=message.topic,
-                partition=message.partition,
-                offset=message.offset,
-                key=event.key,
-            )
+            parsed = self._parse_catalog(event.value, event)
             if isinstance(parsed, DlqRecord):
                 self.metrics.catalog.labels("dlq").inc()
                 self._send_dlq(parsed)
                 await self.output.flush()
                 continue
-            await self._apply_catalog(parsed)
+            # Sent with the event (Faust publishes it before the event's offset is
+            # committed): the one owner of the ordered topic computes the content vector.
+            await self.catalog_ordered.send(
+                key=event.key,
+                value=forwarded(message.partition, event.value),
+                partition=0,
+            )
 
-    async def _apply_catalog(self, record: CatalogRecord) -> None:
+    async def _on_catalog_ordered(self, stream: Any) -> None:
+        """Catalog records of every catalog partition, in one order, applied by the one
+        worker that owns this topic's partition with the statistics saved after each."""
+        async for event in stream.events():
+            message = event.message
+            if self._catalog_covered is None:
+                await self._load_catalog_state()
+            assert self._catalog_covered is not None
+            if message.offset <= self._catalog_covered:
+                continue  # learned before the last save (by this owner or a previous one)
+            source_partition, raw = read_forwarded(event.value)
+            parsed = self._parse_catalog(raw, event)
+            if isinstance(parsed, DlqRecord):  # validated before it was forwarded
+                self.metrics.catalog.labels("dlq").inc()
+                self._send_dlq(parsed)
+            else:
+                await self._apply_catalog(parsed, source_partition)
+            self.output.send(
+                self.catalog_state_topic.get_topic_name(),
+                STATE_KEY,
+                state_record(message.offset, self.catalog_features),
+                partition=0,
+            )
+            await self.output.flush()
+            self.content_store.persist_offsets()
+            self._catalog_covered = message.offset
+
+    async def _load_catalog_state(self) -> None:
+        """Resume the catalog statistics where the last owner saved them."""
+        await self.catalog_state_topic.maybe_declare()  # compacted, one partition
+        saved = await asyncio.to_thread(
+            read_last_state,
+            self.config.kafka,
+            self.catalog_state_topic.get_topic_name(),
+        )
+        if saved is None:
+            self.catalog_features = self._fresh_catalog_features()
+            self._catalog_covered = -1
+            return
+        self._catalog_covered, self.catalog_features = saved
+        logger.info(
+            "catalog statistics resumed after ordered offset %d (%d features, PCA version %d)",
+            self._catalog_covered,
+            len(self.catalog_features.names),
+            self.catalog_features.pca_version,
+        )
+
+    async def _apply_catalog(self, record: CatalogRecord, partition: int) -> None:
+        """Apply one catalog record; its content lives in ``partition`` of the content
+        table (the partition of its catalog record)."""
         key = record.item_id.encode()
         if record.deleted:
-            self.contents.pop(key, None)
-            await self.item_updates.send(
-                key=key,
-                value=orjson.dumps({record.item_id: None}),
+            self.content_store.write(partition, {key: None})
+            self.output.send(
+                self.item_updates.get_topic_name(),
+                key,
+                orjson.dumps({record.item_id: None}),
                 partition=item_partition(record.item_id, self.config.worker.partitions),
             )
             self.service.forget_item(record.item_id)
@@ -846,7 +934,7 @@ class WorkerApp:
         if content is None:
             self.metrics.catalog.labels("empty").inc()
             return
-        self.contents[key] = encode_vector(content)
+        self.content_store.write(partition, {key: encode_vector(content)})
         self.metrics.catalog.labels("upsert").inc()
 
     async def _on_requests(self, stream: Any) -> None:
@@ -891,6 +979,7 @@ class WorkerApp:
         )
         if user_id is not None:
             body["user_id"] = user_id  # the id as asked, whatever state is kept under
+        body["worker"] = self.worker_id
         return body
 
     def user_key(self, user_id: str) -> str:

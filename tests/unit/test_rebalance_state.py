@@ -127,3 +127,32 @@ def test_a_paused_loop_leaves_new_batches_unacknowledged_and_unhandled() -> None
         await runner
 
     asyncio.run(scenario())
+
+
+def test_catalog_statistics_resumed_from_a_save_give_the_vectors_of_one_process() -> None:
+    import numpy as np
+    import orjson
+
+    from stream_knn.embeddings.catalog import CatalogFeatures
+    from stream_knn.worker.catalog_owner import state_record
+
+    rng = np.random.default_rng(7)
+    records = [
+        {"price": float(rng.normal()), "size": float(rng.normal()), "age": None} for _ in range(40)
+    ]
+    whole = CatalogFeatures(dims=4, pca=True, warmup_items=16, seed=3)
+    expected = [whole.content_vector(features=r) for r in records]
+
+    first = CatalogFeatures(dims=4, pca=True, warmup_items=16, seed=3)
+    got = [first.content_vector(features=r) for r in records[:10]]
+    saved = orjson.loads(state_record(9, first))
+    assert saved["offset"] == 9
+    second = CatalogFeatures.from_state(saved["state"])  # the next owner
+    got += [second.content_vector(features=r) for r in records[10:]]
+    assert second.pca_version == whole.pca_version == 1
+    for want, have in zip(expected, got, strict=True):
+        if want is None:
+            assert have is None
+        else:
+            assert have is not None
+            np.testing.assert_array_equal(want, have)

@@ -53,8 +53,9 @@ def test_shipped_specs_load_with_expected_settings() -> None:
     specs = load_specs(SHIPPED)
     assert [s.name for s in specs] == NAMES
     by_name = {s.name: s for s in specs}
-    for name in ("user-events", "item-catalog", "recommendations", "recommendation-requests"):
-        assert by_name[name].partitions == 4
+    for name in ("user-events", "item-catalog", "recommendation-requests"):
+        assert by_name[name].partitions == 12  # the unit of scale: up to 12 workers
+    assert by_name["recommendations"].partitions == 4
     assert all(s.replication_factor == 1 for s in specs)
     assert by_name["item-catalog"].cleanup_policy == "compact"
     assert by_name["user-events"].topic_configs() == {
