@@ -66,7 +66,7 @@ def test_apply_creates_then_changes_nothing_then_reconciles(
     states = {s.spec.name: s for s in list_topics(kafka_bootstrap, specs)}
     assert (states[events].exists, states[events].partitions, states[events].in_sync) == (
         True,
-        4,
+        12,
         True,
     )
     assert states[catalog].configs == {
@@ -80,12 +80,12 @@ def test_apply_creates_then_changes_nothing_then_reconciles(
         spec_dir,
         events,
         retention_ms=3_600_000,
-        partitions=6,
+        partitions=16,
         configs={"max.message.bytes": 200_000},
     )
     changed = apply_topics(kafka_bootstrap, load_specs(spec_dir))
     assert changed == [
-        Change(events, "add_partitions", old="4", new="6"),
+        Change(events, "add_partitions", old="12", new="16"),
         Change(events, "set_config", name="retention.ms", old="604800000", new="3600000"),
         Change(events, "set_config", name="max.message.bytes", old="1048588", new="200000"),
     ]
@@ -101,7 +101,7 @@ def test_apply_creates_then_changes_nothing_then_reconciles(
 
     # Fewer partitions cannot be applied, and nothing else is changed meanwhile.
     edit(spec_dir, events, partitions=2, retention_ms=60_000)
-    with pytest.raises(TopicSpecError, match=rf"topic {events} has 6 partitions but its spec"):
+    with pytest.raises(TopicSpecError, match=rf"topic {events} has 16 partitions but its spec"):
         apply_topics(kafka_bootstrap, load_specs(spec_dir))
     assert topic_config(kafka_bootstrap, events, "retention.ms") == "3600000"
     with pytest.raises(TopicSpecError, match="Kafka cannot remove partitions"):
@@ -109,7 +109,10 @@ def test_apply_creates_then_changes_nothing_then_reconciles(
 
 
 def test_cli_apply_and_list(
-    kafka_bootstrap: str, spec_dir: Path, capsys: pytest.CaptureFixture[str]
+    kafka_bootstrap: str,
+    spec_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     catalog, events = (s.name for s in load_specs(spec_dir))
     assert main(["topics", "apply", "--dry-run", "--dir", str(spec_dir)]) == 0
@@ -129,6 +132,15 @@ def test_cli_apply_and_list(
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert rows == [
         ["TOPIC", "EXISTS", "PARTITIONS", "CLEANUP", "RETENTION_MS", "STATE"],
-        [catalog, "yes", "4/4", "compact", "-1", "ok"],
-        [events, "yes", "4/4", "delete", "604800000", "ok"],
+        [catalog, "yes", "12/12", "compact", "-1", "ok"],
+        [events, "yes", "12/12", "delete", "604800000", "ok"],
     ]
+
+    # Growing the keyed input the worker keeps state for says what it does to that state.
+    monkeypatch.setenv("STREAM_KNN_KAFKA__USER_EVENTS_TOPIC", events)
+    edit(spec_dir, events, partitions=24)
+    assert main(["topics", "apply", "--dir", str(spec_dir)]) == 0
+    grown, note = capsys.readouterr().out.splitlines()
+    assert grown == f"grow {events} partitions: 12 -> 24"
+    assert note.startswith(f"  note: {events} is keyed (user_id as UTF-8 text")
+    assert "50% of keys change partition" in note
