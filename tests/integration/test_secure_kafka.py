@@ -91,8 +91,12 @@ def _spec_dir(env: WorkerEnv, directory: Path) -> Path:
     directory.mkdir()
     for path in SHIPPED_SPECS.glob("*.json"):
         spec = orjson.loads(path.read_bytes())
-        spec["name"] = env.topics[ROLE_OF_SPEC[spec["name"]]]
+        role = ROLE_OF_SPEC[spec["name"]]
+        spec["name"] = env.topics[role]
         (directory / f"{spec['name']}.json").write_bytes(orjson.dumps(spec))
+        if role == "user_events":
+            # The worker's tables are partitioned as its input (the shipped default, 12).
+            env.extra["STREAM_KNN_WORKER__PARTITIONS"] = str(spec["partitions"])
     return directory
 
 
